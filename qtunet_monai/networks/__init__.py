@@ -1,0 +1,3 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""The QT-UNet network family (2D and 3D) and its building blocks."""
+from .nets import ARCHITECTURES, VARIANTS, QTUNet, build_architecture

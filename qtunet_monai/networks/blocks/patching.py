@@ -1,0 +1,112 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Patch partition, merging (down) and expansion (up) on channels-last tokens, 2D and 3D."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers import Conv
+
+__all__ = ["PatchEmbedding", "PatchMerging", "PatchExpanding", "space_to_channels", "channels_to_space"]
+
+
+def space_to_channels(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """``(B, *S, C)`` -> ``(B, *(S / f), prod(f) * C)``: each ``f`` neighbourhood becomes one token."""
+    b, *spatial, c = x.shape
+    n = len(spatial)
+    split = [b]
+    for size, f in zip(spatial, factors):
+        split += [size // f, f]
+    x = x.reshape(*split, c)
+    order = [0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1]
+    return x.permute(order).reshape(b, *(s // f for s, f in zip(spatial, factors)), math.prod(factors) * c)
+
+
+def channels_to_space(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`space_to_channels`: ``(B, *S, prod(f) * C)`` -> ``(B, *(S * f), C)``."""
+    b, *spatial, c = x.shape
+    n = len(spatial)
+    x = x.reshape(b, *spatial, *factors, c // math.prod(factors))
+    order = [0]
+    for axis in range(n):
+        order += [1 + axis, 1 + n + axis]
+    return x.permute(*order, 2 * n + 1).reshape(b, *(s * f for s, f in zip(spatial, factors)), -1)
+
+
+def _pad_to_multiple(x: torch.Tensor, factors: Sequence[int], channels_last: bool) -> torch.Tensor:
+    spatial = x.shape[1:-1] if channels_last else x.shape[2:]
+    pads: list[int] = [0, 0] if channels_last else []
+    for size, f in zip(reversed(spatial), reversed(factors)):
+        pads += [0, (-size) % f]
+    return F.pad(x, pads) if any(pads) else x
+
+
+class PatchEmbedding(nn.Module):
+    """Patch partition: a convolution with kernel = stride = ``patch_size`` (inputs padded at the
+    end to a multiple of it), then LayerNorm. Channels-first in, channels-last out.
+
+    Args:
+        in_channels: input channels.
+        dim: embedding width ``C``.
+        patch_size: patch edge length.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.patch_size = (patch_size,) * spatial_dims
+        self.proj = Conv[Conv.CONV, spatial_dims](in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(_pad_to_multiple(x, self.patch_size, channels_last=False))
+        return self.norm(x.movedim(1, -1))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each ``factors`` neighbourhood (2x2x2, or 2x2 within the slice when depth is
+    kept), LayerNorm, Linear to ``2 * dim`` without bias. Odd sizes are padded at the end.
+
+    Args:
+        dim: input token width.
+        factors: merge factor per spatial axis.
+    """
+
+    def __init__(self, dim: int, factors: Sequence[int]) -> None:
+        super().__init__()
+        self.factors = tuple(factors)
+        merged = math.prod(self.factors) * dim
+        self.norm = nn.LayerNorm(merged)
+        self.reduction = nn.Linear(merged, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = space_to_channels(_pad_to_multiple(x, self.factors, channels_last=True), self.factors)
+        return self.reduction(self.norm(x))
+
+
+class PatchExpanding(nn.Module):
+    """Linear ``dim -> prod(factors) * out_dim`` without bias, rearranged into ``factors`` sub-tokens
+    of ``out_dim`` channels, cropped to the target shape, then LayerNorm(out_dim).
+
+    Args:
+        dim: input token width.
+        factors: expansion factor per spatial axis.
+        out_dim: width of the sub-tokens (``dim // 2`` between stages, ``dim`` in the classifier).
+    """
+
+    def __init__(self, dim: int, factors: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        self.factors = tuple(factors)
+        self.expand = nn.Linear(dim, math.prod(self.factors) * out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor:
+        """``target_shape``: spatial shape to crop to (that of the matching encoder stage)."""
+        x = channels_to_space(self.expand(x), self.factors)
+        if tuple(x.shape[1:-1]) != tuple(target_shape):
+            x = x[(slice(None), *(slice(0, s) for s in target_shape))]
+        return self.norm(x)

@@ -1,0 +1,285 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Swin sub-blocks of the encoder and the three decoder sub-blocks (QT, VT, plain), and the stages
+that pair them (plain windows, then shifted windows). Tokens are channels-last ``(B, *spatial, C)``."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import MLPBlock
+from monai.networks.layers import DropPath
+from torch.utils.checkpoint import checkpoint
+
+from .attention import WindowAttention, WindowCrossAttention
+from .windows import WindowGeometry, window_geometry
+
+__all__ = [
+    "SwinSubBlock",
+    "QTDecoderSubBlock",
+    "VTDecoderSubBlock",
+    "EncoderStage",
+    "DecoderStage",
+    "sinusoidal_position_encoding",
+]
+
+DECODERS = ("qt", "vt", "none")
+
+
+class SwinSubBlock(nn.Module):
+    """``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``, attention in windows.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        window_size: nominal window size.
+        spatial_dims: 2 or 3.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        drop_path: stochastic-depth rate of this sub-block.
+        fused_attention: see :class:`WindowAttention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        spatial_dims: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        fused_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, spatial_dims, fused_attention=fused_attention)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act="GELU")
+
+    def _windows(self, x: torch.Tensor, norm: nn.Module, geometry: WindowGeometry) -> torch.Tensor:
+        return geometry.partition(norm(x))
+
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry):
+        attended = self.attn(self._windows(x, self.norm1, geometry), geometry)
+        x = x + self.drop_path(geometry.reverse(attended, x.shape[0]))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_with_kv(self, x: torch.Tensor, geometry: WindowGeometry):
+        """As :meth:`forward`, also returning this block's keys and values (for the VT decoder)."""
+        q, k, v = self.attn.project_qkv(self._windows(x, self.norm1, geometry))
+        x = x + self.drop_path(geometry.reverse(self.attn.attend(q, k, v, geometry), x.shape[0]))
+        return x + self.drop_path(self.mlp(self.norm2(x))), (k, v)
+
+
+class QTDecoderSubBlock(SwinSubBlock):
+    """QT decoder sub-block: windowed self-attention, then windowed cross-attention whose keys and
+    values the block computes itself from the same-stage encoder features, then the MLP; each with
+    its own pre-LayerNorm and residual.
+
+    Args: as :class:`SwinSubBlock`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        spatial_dims: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        fused_attention: bool = True,
+    ) -> None:
+        super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, fused_attention)
+        self.norm_query = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.cross_attn = WindowCrossAttention(
+            dim, num_heads, window_size, spatial_dims, fused_attention=fused_attention
+        )
+
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry, context: torch.Tensor):  # type: ignore[override]
+        batch = x.shape[0]
+        x = x + self.drop_path(geometry.reverse(self.attn(self._windows(x, self.norm1, geometry), geometry), batch))
+        queries = self._windows(x, self.norm_query, geometry)
+        keys_values = self._windows(context, self.norm_context, geometry)
+        x = x + self.drop_path(geometry.reverse(self.cross_attn(queries, keys_values, geometry), batch))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+@functools.lru_cache(maxsize=32)
+def _position_encoding(spatial_shape: tuple[int, ...], channels: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # cached: must be usable by later training steps
+        return _build_position_encoding(spatial_shape, channels, device)
+
+
+def _build_position_encoding(spatial_shape: tuple[int, ...], channels: int, device: torch.device) -> torch.Tensor:
+    per_axis = 2 * math.ceil(channels / (2 * len(spatial_shape)))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, per_axis, 2, device=device, dtype=torch.float32) / per_axis))
+    encodings = []
+    for axis, size in enumerate(spatial_shape):
+        angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+        emb = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (size, per_axis)
+        view = [1] * len(spatial_shape) + [per_axis]
+        view[axis] = size
+        encodings.append(emb.view(view).expand(*spatial_shape, per_axis))
+    return torch.cat(encodings, dim=-1)[..., :channels].contiguous()
+
+
+def sinusoidal_position_encoding(spatial_shape: Sequence[int], channels: int, device) -> torch.Tensor:
+    """Fixed sinusoidal encoding ``(*spatial, channels)``: per axis, sines and cosines of the
+    position at geometric frequencies, concatenated over axes (as VT-UNet's 3D encoding)."""
+    return _position_encoding(tuple(int(s) for s in spatial_shape), int(channels), torch.device(device))
+
+
+class VTDecoderSubBlock(SwinSubBlock):
+    """VT-UNet decoder sub-block (Peiris et al.), used for the thesis' baselines and ablations.
+
+    The block's own queries attend to its own keys/values (self-attention) and, through the same
+    projection, to the keys/values the matching encoder sub-block computed (cross-attention). The two
+    branches each get the shared MLP and are fused with a fixed weight ``alpha``, plus the MLP of a
+    sinusoidal position encoding: ``(1-a)(x1 + MLP(LN(x1))) + a(x2 + MLP(LN(x2))) + MLP(LN(PE))``.
+    It adds no weights beyond a plain Swin sub-block.
+
+    Args: as :class:`SwinSubBlock`, plus ``alpha``, the weight of the cross-attention branch.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        spatial_dims: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        fused_attention: bool = True,
+        alpha: float = 0.3,
+    ) -> None:
+        super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, fused_attention)
+        self.alpha = alpha
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, geometry: WindowGeometry, encoder_kv: tuple[torch.Tensor, torch.Tensor]
+    ):
+        batch = x.shape[0]
+        q, k, v = self.attn.project_qkv(self._windows(x, self.norm1, geometry))
+        x_self = x + self.drop_path(geometry.reverse(self.attn.attend(q, k, v, geometry), batch))
+        x_cross = x + self.drop_path(geometry.reverse(self.attn.attend(q, *encoder_kv, geometry), batch))
+        x_self = x_self + self._mlp_residual(x_self)
+        x_cross = x_cross + self._mlp_residual(x_cross)
+        position = sinusoidal_position_encoding(x.shape[1:-1], x.shape[-1], x.device).to(x.dtype).unsqueeze(0)
+        return (1 - self.alpha) * x_self + self.alpha * x_cross + self._mlp_residual(position)
+
+
+def _maybe_checkpoint(block: nn.Module, use_checkpoint: bool, *args):
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+class _Stage(nn.Module):
+    """A pair of sub-blocks on one feature-map size: plain windows, then shifted windows."""
+
+    def __init__(self, window_size: int, shift_size: int, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList()
+
+    def geometries(self, x: torch.Tensor) -> list[WindowGeometry]:
+        spatial = x.shape[1:-1]
+        return [
+            window_geometry(spatial, self.window_size, self.shift_size if i % 2 else 0, x.device)
+            for i in range(len(self.blocks))
+        ]
+
+
+class EncoderStage(_Stage):
+    """Swin sub-blocks alternating plain and shifted windows (a pair in the encoder, one in the
+    bottleneck).
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        depth: number of sub-blocks.
+        window_size: nominal window.
+        shift_size: shift of the odd sub-blocks.
+        spatial_dims: 2 or 3.
+        drop_path: stochastic-depth rate per sub-block.
+        fused_attention: see :class:`WindowAttention`.
+        use_checkpoint: recompute each sub-block in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        depth: int,
+        window_size: int,
+        shift_size: int,
+        spatial_dims: int,
+        drop_path: Sequence[float],
+        fused_attention: bool = True,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__(window_size, shift_size, use_checkpoint)
+        for i in range(depth):
+            self.blocks.append(
+                SwinSubBlock(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], fused_attention)
+            )
+
+    def forward(self, x: torch.Tensor, return_kv: bool = False):
+        """Returns the stage output, and with ``return_kv`` the keys/values of each sub-block."""
+        kvs = []
+        for block, geometry in zip(self.blocks, self.geometries(x)):
+            if return_kv:
+                x, kv = _maybe_checkpoint(block.forward_with_kv, self.use_checkpoint, x, geometry)
+                kvs.append(kv)
+            else:
+                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry)
+        return (x, kvs) if return_kv else x
+
+
+class DecoderStage(_Stage):
+    """A pair of decoder sub-blocks of the chosen kind.
+
+    Args: as :class:`EncoderStage`, plus ``decoder``: ``"qt"`` (own cross-attention to the encoder
+    features), ``"vt"`` (VT-UNet fusion with the encoder's keys/values) or ``"none"`` (plain Swin
+    sub-blocks, no cross-attention).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        depth: int,
+        window_size: int,
+        shift_size: int,
+        spatial_dims: int,
+        drop_path: Sequence[float],
+        decoder: str = "qt",
+        fused_attention: bool = True,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__(window_size, shift_size, use_checkpoint)
+        self.decoder = decoder
+        block_type = {"qt": QTDecoderSubBlock, "vt": VTDecoderSubBlock, "none": SwinSubBlock}[decoder]
+        for i in range(depth):
+            self.blocks.append(block_type(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], fused_attention))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, encoder_kv: Sequence | None = None) -> torch.Tensor:
+        """``context``: the same-stage encoder features; ``encoder_kv``: their keys/values per
+        sub-block (VT decoder only)."""
+        for i, (block, geometry) in enumerate(zip(self.blocks, self.geometries(x))):
+            if self.decoder == "qt":
+                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry, context)
+            elif self.decoder == "vt":
+                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry, encoder_kv[i])  # type: ignore[index]
+            else:
+                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry)
+        return x
