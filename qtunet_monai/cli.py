@@ -1,0 +1,107 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Command line: ``python -m qtunet_monai <command> [--flag value ...]`` (fire).
+
+Commands:
+    info   parameters and fvcore GFLOPs of one configuration.
+    table  the whole family against the thesis' parameter and FLOP tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import fire
+
+from .complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_flops, count_parameters
+from .networks import QTUNet, build_architecture
+
+
+def info(
+    variant: str = "tiny",
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    roi: int = 96,
+    architecture: str | None = None,
+    merge_depth: bool = True,
+    decoder: str = "qt",
+    flops: bool = True,
+) -> None:
+    """Print parameters and fvcore GFLOPs as one JSON line (batch 1, training mode, attention matmuls included).
+
+    Args:
+        variant: tiny, small or base.
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output classes.
+        roi: edge length of the (cubic / square) input.
+        architecture: one of the thesis' architectures (QT-UNet, QT-UNet-A, VT-UNet, VT-UNet-A,
+            QT-UNet-2D, QT-UNet-2D-A); overrides spatial_dims, merge_depth and decoder.
+        merge_depth: merge the depth axis too (QT-UNet) or not (QT-UNet-A).
+        decoder: qt, vt or none.
+        flops: also count FLOPs (needs fvcore).
+    """
+    if architecture is not None:
+        model = build_architecture(architecture, in_channels, out_channels, variant)
+        spatial_dims = model.spatial_dims
+    else:
+        model = QTUNet(
+            in_channels, out_channels, spatial_dims=spatial_dims, variant=variant,
+            merge_depth=merge_depth, decoder=decoder,
+        )
+    shape = (1, in_channels) + (roi,) * spatial_dims
+    result = {
+        "architecture": architecture or "QTUNet",
+        "variant": variant,
+        "feature_size": model.feature_size,
+        "input": list(shape),
+        "params_m": round(count_parameters(model) / 1e6, 3),
+    }
+    if flops:
+        result["gflops"] = round(count_flops(model, shape) / 1e9, 2)
+    print(json.dumps(result))
+
+
+def table(variants: str | list = "tiny,small,base", flops: bool = True, json_file: str | None = None) -> None:
+    """Print the family's parameters and GFLOPs next to the thesis' figures as a Markdown table.
+
+    Args:
+        variants: comma-separated subset of tiny, small, base.
+        flops: count FLOPs too (about a minute per variant on a laptop CPU).
+        json_file: also write the rows to this JSON file.
+    """
+    chosen = [v.strip() for v in variants.split(",")] if isinstance(variants, str) else list(variants)
+    unknown = [v for v in chosen if v not in VARIANT_ORDER]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANT_ORDER)}.")
+    print("| architecture | input | variant | params (M) | thesis | GFLOPs | thesis |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    rows = []
+    for target in THESIS_TARGETS:  # one target at a time, so progress shows as rows are measured
+        for row in complexity_table(chosen, flops, targets=[target]):
+            rows.append(row)
+            gflops = f"{row['gflops']:.1f}" if row["gflops"] is not None else "-"
+            print(
+                f"| {row['architecture']} | {row['input']} | {row['variant']} | {row['params_m']:.2f} "
+                f"| {row['target_params_m']} | {gflops} | {row['target_gflops']} |",
+                flush=True,
+            )
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+COMMANDS = {"info": info, "table": table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; bad arguments end with a one-line error and exit status 2."""
+    try:
+        fire.Fire(COMMANDS, command=argv, name="qtunet_monai")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["info", "table", "main"]

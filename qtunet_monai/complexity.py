@@ -1,0 +1,116 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Parameters and FLOPs counted the way the thesis counted them, and the thesis' target table.
+
+FLOPs are fvcore's: one multiply-accumulate is one FLOP; softmax, GELU, roll and element-wise ops
+are not counted; one forward pass of batch 1 in training mode with explicit (countable) attention.
+fvcore is an optional dependency (``pip install qtunet_monai[flops]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .networks import ARCHITECTURES, QTUNet, build_architecture
+
+__all__ = ["ComplexityTarget", "THESIS_TARGETS", "count_parameters", "count_flops", "complexity_table"]
+
+
+@dataclass(frozen=True)
+class ComplexityTarget:
+    """One row of SPEC.md's target table: an architecture on a task's input."""
+
+    architecture: str
+    task: str
+    in_channels: int
+    out_channels: int
+    roi: int
+    params_m: tuple[float, float, float]  # Tiny, Small, Base
+    gflops: tuple[float, float, float]
+
+    @property
+    def spatial_dims(self) -> int:
+        return ARCHITECTURES[self.architecture]["spatial_dims"]
+
+
+# 6.65 M stands for QT-UNet-T's printed 6.4 M (a misprint, SPEC.md section 1).
+THESIS_TARGETS: tuple[ComplexityTarget, ...] = (
+    ComplexityTarget("QT-UNet", "BraTS", 4, 3, 128, (6.65, 14.5, 25.5), (32.5, 61.3, 98.5)),
+    ComplexityTarget("QT-UNet", "BTCV", 1, 14, 96, (6.65, 14.5, 25.5), (12.7, 23.6, 37.7)),
+    ComplexityTarget("QT-UNet-A", "BraTS", 4, 3, 128, (5.9, 12.8, 22.4), (47.7, 91.2, 147.8)),
+    ComplexityTarget("VT-UNet", "BraTS", 4, 3, 128, (5.4, 11.8, 20.8), (52.0, 100.8, 165.0)),
+    ComplexityTarget("VT-UNet-A", "BraTS", 4, 3, 128, (6.2, 13.5, 23.9), (35.0, 67.0, 108.7)),
+    ComplexityTarget("QT-UNet-2D", "CityScapes", 3, 20, 1024, (5.4, 12.2, 21.6), (38.8, 83.3, 144.6)),
+    ComplexityTarget("QT-UNet-2D-A", "CityScapes", 3, 20, 1024, (5.0, 11.3, 20.1), (33.6, 72.5, 126.3)),
+)
+
+VARIANT_ORDER = ("tiny", "small", "base")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(model: QTUNet, input_shape: Sequence[int], training: bool = True) -> int:
+    """fvcore FLOPs of one forward pass on a zero tensor of ``input_shape`` (batch included).
+
+    The model's attention is switched to the explicit matmul path for counting (fused kernels are
+    invisible to fvcore) and restored afterwards; no gradients are computed.
+    """
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("FLOP counting needs fvcore: pip install 'qtunet_monai[flops]'") from e
+
+    attention = [m for m in model.modules() if hasattr(m, "fused_attention")]
+    fused = [m.fused_attention for m in attention]
+    was_training = model.training
+    try:
+        for m in attention:
+            m.fused_attention = False
+        model.train(training)
+        x = torch.zeros(*input_shape, device=next(model.parameters()).device)
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(model, x)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            logging.getLogger("fvcore").setLevel(logging.ERROR)
+            return int(analysis.total())
+    finally:
+        for m, f in zip(attention, fused):
+            m.fused_attention = f
+        model.train(was_training)
+
+
+def complexity_table(
+    variants: Sequence[str] = VARIANT_ORDER,
+    flops: bool = True,
+    targets: Sequence[ComplexityTarget] = THESIS_TARGETS,
+) -> list[dict]:
+    """Measure every target row: parameters (M) and, with ``flops``, GFLOPs, each next to the thesis.
+
+    Returns a list of dicts with keys ``architecture, task, input, variant, params_m,
+    target_params_m, gflops, target_gflops``.
+    """
+    rows = []
+    for target in targets:
+        for variant in variants:
+            index = VARIANT_ORDER.index(variant)
+            model = build_architecture(target.architecture, target.in_channels, target.out_channels, variant)
+            shape = (1, target.in_channels) + (target.roi,) * target.spatial_dims
+            row = {
+                "architecture": target.architecture,
+                "task": target.task,
+                "input": f"{target.in_channels} x {target.roi}^{target.spatial_dims} -> {target.out_channels}",
+                "variant": variant,
+                "params_m": count_parameters(model) / 1e6,
+                "target_params_m": target.params_m[index],
+                "gflops": count_flops(model, shape) / 1e9 if flops else None,
+                "target_gflops": target.gflops[index],
+            }
+            rows.append(row)
+            del model
+    return rows
