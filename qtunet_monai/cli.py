@@ -87,6 +87,7 @@ def table(variants: str | list = "tiny,small,base", flops: bool = True, json_fil
                 f"| {row['target_params_m']} | {gflops} | {row['target_gflops']} |",
                 flush=True,
             )
+    print("\nThesis figures as SPEC.md gives them; QT-UNet-T's printed 6.4 M parameters is a misprint for 6.65 M.")
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)

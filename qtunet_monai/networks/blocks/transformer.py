@@ -109,7 +109,7 @@ class QTDecoderSubBlock(SwinSubBlock):
 
 
 @functools.lru_cache(maxsize=32)
-def _position_encoding(spatial_shape: tuple[int, ...], channels: int, device: torch.device) -> torch.Tensor:
+def _cached_position_encoding(spatial_shape: tuple[int, ...], channels: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():  # cached: must be usable by later training steps
         return _build_position_encoding(spatial_shape, channels, device)
 
@@ -130,7 +130,10 @@ def _build_position_encoding(spatial_shape: tuple[int, ...], channels: int, devi
 def sinusoidal_position_encoding(spatial_shape: Sequence[int], channels: int, device) -> torch.Tensor:
     """Fixed sinusoidal encoding ``(*spatial, channels)``: per axis, sines and cosines of the
     position at geometric frequencies, concatenated over axes (as VT-UNet's 3D encoding)."""
-    return _position_encoding(tuple(int(s) for s in spatial_shape), int(channels), torch.device(device))
+    key = (tuple(int(s) for s in spatial_shape), int(channels), torch.device(device))
+    if torch.jit.is_tracing():  # see window_geometry: traces must not depend on the cache
+        return _build_position_encoding(*key)
+    return _cached_position_encoding(*key)
 
 
 class VTDecoderSubBlock(SwinSubBlock):

@@ -90,10 +90,7 @@ def relative_position_index(window_size: Sequence[int], table_window: int, devic
     return index
 
 
-@functools.lru_cache(maxsize=128)
-def _cached_geometry(
-    spatial_shape: tuple[int, ...], window: int, shift: int, device: torch.device
-) -> WindowGeometry:
+def _build_geometry(spatial_shape: tuple[int, ...], window: int, shift: int, device: torch.device) -> WindowGeometry:
     full = (window,) * len(spatial_shape)
     window_size, shift_size = get_window_size(spatial_shape, full, (shift,) * len(spatial_shape))
     window_size, shift_size = tuple(int(w) for w in window_size), tuple(int(s) for s in shift_size)
@@ -116,4 +113,12 @@ def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, devic
             the window get a window equal to the map and no shift.
         device: where the mask and index tensors live.
     """
-    return _cached_geometry(tuple(int(s) for s in spatial_shape), int(window), int(shift), torch.device(device))
+    key = (tuple(int(s) for s in spatial_shape), int(window), int(shift), torch.device(device))
+    if torch.jit.is_tracing():
+        # A tracer records whatever runs: build afresh so every trace holds the same graph, and keep
+        # traced tensors out of the cache.
+        return _build_geometry(*key)
+    return _cached_geometry(*key)
+
+
+_cached_geometry = functools.lru_cache(maxsize=128)(_build_geometry)

@@ -1,0 +1,66 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""The family reproduces the thesis' parameter and FLOP tables (SPEC.md section 1) to within 1 %.
+
+Every one of the 21 full-size FLOP figures is counted (about two minutes on a laptop CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qtunet_monai import build_architecture
+from qtunet_monai.complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_parameters
+
+CASES = [
+    pytest.param(target, variant, id=f"{target.architecture}-{target.task}-{variant}")
+    for target in THESIS_TARGETS
+    for variant in VARIANT_ORDER
+]
+
+
+@pytest.mark.parametrize("target, variant", CASES)
+def test_parameters_match_the_thesis(target, variant):
+    model = build_architecture(target.architecture, target.in_channels, target.out_channels, variant)
+    params_m = count_parameters(model) / 1e6
+    expected = target.params_m[VARIANT_ORDER.index(variant)]
+    assert params_m == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("target, variant", CASES)
+def test_flops_match_the_thesis(target, variant):
+    pytest.importorskip("fvcore")
+    (row,) = complexity_table([variant], flops=True, targets=[target])
+    assert row["gflops"] == pytest.approx(row["target_gflops"], rel=0.01)
+
+
+def test_cli_info_prints_parameters_and_flops():
+    pytest.importorskip("fvcore")
+    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--variant", "tiny", "--spatial_dims", "3",
+           "--in_channels", "1", "--out_channels", "14", "--roi", "96"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params_m"] == pytest.approx(6.65, rel=0.01)
+    assert result["gflops"] == pytest.approx(12.7, rel=0.01)
+
+
+def test_cli_rejects_bad_arguments_with_one_line():
+    done = subprocess.run([sys.executable, "-m", "qtunet_monai", "info", "--variant", "huge"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown variant 'huge'; choose one of ['base', 'small', 'tiny']."
+
+
+def test_cli_table_writes_json(tmp_path):
+    out = tmp_path / "table.json"
+    cmd = [sys.executable, "-m", "qtunet_monai", "table", "--variants", "tiny", "--flops", "False",
+           "--json_file", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(THESIS_TARGETS)
+    table_rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 1 + len(THESIS_TARGETS)  # header plus one row per target
+    for row in rows:
+        assert row["params_m"] == pytest.approx(row["target_params_m"], rel=0.01)
