@@ -75,3 +75,18 @@ def test_position_encoding_is_bounded_and_distinct_per_position():
     assert pe.abs().max() <= 1.0
     flat = pe.reshape(-1, 30)
     assert torch.cdist(flat, flat).add(torch.eye(len(flat))).min() > 0
+
+
+@pytest.mark.parametrize("shape, shift", [((9, 10, 7), 1), ((8, 6, 5), 0), ((11, 5), 1), ((2, 9, 8), 1)])
+def test_gather_partition_equals_pad_roll_permute(shape, shift):
+    """The cached-index partition gives exactly the textbook windows (pad, roll, permute)."""
+    from monai.networks.nets.swin_unetr import window_partition
+
+    geometry = window_geometry(shape, window=3, shift=shift, device=CPU)
+    x = torch.randn(2, *shape, 4)
+    pads = []
+    for size, padded in zip(reversed(geometry.spatial_shape), reversed(geometry.padded_shape)):
+        pads += [0, padded - size]
+    reference = torch.nn.functional.pad(x, [0, 0] + pads)
+    reference = torch.roll(reference, [-s for s in geometry.shift_size], list(range(1, len(shape) + 1)))
+    torch.testing.assert_close(geometry.partition(x), window_partition(reference, geometry.window_size), rtol=0, atol=0)

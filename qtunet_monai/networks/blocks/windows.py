@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.swin_unetr import compute_mask, get_window_size, window_partition, window_reverse
+from monai.networks.nets.swin_unetr import compute_mask, get_window_size, window_partition
 
 __all__ = ["WindowGeometry", "window_geometry", "relative_position_index"]
 
@@ -27,6 +27,11 @@ __all__ = ["WindowGeometry", "window_geometry", "relative_position_index"]
 class WindowGeometry:
     """How a channels-last feature map of one spatial shape is cut into attention windows.
 
+    Padding, the cyclic shift and the cut into windows are one cached index: :meth:`partition` is a
+    single gather and :meth:`reverse` a single gather back (shift undone and padding cropped), where
+    the textbook pad + roll + permute takes three copies each way and ``torch.roll`` alone costs
+    more than all the rest.
+
     Attributes:
         spatial_shape: the (unpadded) spatial shape of the feature map.
         window_size: the window per axis (shrunk to the map on axes no larger than the window).
@@ -34,6 +39,9 @@ class WindowGeometry:
         padded_shape: ``spatial_shape`` padded at the end to a multiple of ``window_size``.
         attn_mask: ``(num_windows, N, N)`` additive mask between shifted regions, or None.
         relative_index: ``(N, N)`` index into a ``(2w-1)^n`` relative-position bias table.
+        gather_index: ``(num_windows * N,)`` token of the flattened map at each window position;
+            padding points one past the end, at a zero token.
+        scatter_index: ``(prod(spatial_shape),)`` window position of each token of the map.
     """
 
     spatial_shape: tuple[int, ...]
@@ -42,6 +50,8 @@ class WindowGeometry:
     padded_shape: tuple[int, ...]
     attn_mask: torch.Tensor | None
     relative_index: torch.Tensor
+    gather_index: torch.Tensor
+    scatter_index: torch.Tensor
 
     @property
     def tokens_per_window(self) -> int:
@@ -51,27 +61,40 @@ class WindowGeometry:
     def num_windows(self) -> int:
         return math.prod(p // w for p, w in zip(self.padded_shape, self.window_size))
 
+    @property
+    def is_padded(self) -> bool:
+        return self.padded_shape != self.spatial_shape
+
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, *spatial, C)`` -> ``(B * num_windows, N, C)``: pad at the end, shift, cut."""
-        pads: list[int] = []
-        for size, padded in zip(reversed(self.spatial_shape), reversed(self.padded_shape)):
-            pads += [0, padded - size]
-        if any(pads):
-            x = F.pad(x, [0, 0] + pads)  # the channel axis is last and never padded
-        if any(self.shift_size):
-            axes = tuple(range(1, 1 + len(self.shift_size)))
-            x = torch.roll(x, shifts=tuple(-s for s in self.shift_size), dims=axes)
-        return window_partition(x, self.window_size)
+        b, c = x.shape[0], x.shape[-1]
+        flat = x.reshape(b, -1, c)
+        if self.is_padded:
+            flat = F.pad(flat, (0, 0, 0, 1))  # the zero token that padding positions point at
+        return flat.index_select(1, self.gather_index).view(-1, self.tokens_per_window, c)
 
     def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
         """Inverse of :meth:`partition`: ``(B * num_windows, N, C)`` -> ``(B, *spatial, C)``."""
-        x = window_reverse(windows, self.window_size, (batch, *self.padded_shape))
-        if any(self.shift_size):
-            axes = tuple(range(1, 1 + len(self.shift_size)))
-            x = torch.roll(x, shifts=self.shift_size, dims=axes)
-        if self.padded_shape != self.spatial_shape:
-            x = x[(slice(None), *(slice(0, s) for s in self.spatial_shape))]
-        return x
+        c = windows.shape[-1]
+        flat = windows.reshape(batch, -1, c).index_select(1, self.scatter_index)
+        return flat.view(batch, *self.spatial_shape, c)
+
+
+def _window_indices(spatial_shape, padded_shape, window_size, shift_size, device):
+    """Gather and scatter indices of :class:`WindowGeometry` (see there)."""
+    tokens = math.prod(spatial_shape)
+    grid = torch.arange(tokens, device=device).view(spatial_shape)
+    pads: list[int] = []
+    for size, padded in zip(reversed(spatial_shape), reversed(padded_shape)):
+        pads += [0, padded - size]
+    grid = F.pad(grid, pads, value=tokens)  # padding -> the zero token
+    if any(shift_size):
+        grid = torch.roll(grid, shifts=tuple(-s for s in shift_size), dims=tuple(range(len(shift_size))))
+    gather = window_partition(grid[None, ..., None], window_size).reshape(-1)
+    real = gather < tokens
+    scatter = torch.empty(tokens, dtype=torch.long, device=device)
+    scatter[gather[real]] = torch.arange(gather.numel(), device=device)[real]
+    return gather, scatter
 
 
 def relative_position_index(window_size: Sequence[int], table_window: int, device: torch.device | None = None):
@@ -100,7 +123,8 @@ def _build_geometry(spatial_shape: tuple[int, ...], window: int, shift: int, dev
     with torch.inference_mode(False), torch.no_grad():
         mask = compute_mask(padded, window_size, shift_size, device) if any(shift_size) else None
         index = relative_position_index(window_size, window, device)
-    return WindowGeometry(spatial_shape, window_size, shift_size, padded, mask, index)
+        gather, scatter = _window_indices(spatial_shape, padded, window_size, shift_size, device)
+    return WindowGeometry(spatial_shape, window_size, shift_size, padded, mask, index, gather, scatter)
 
 
 def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, device: torch.device) -> WindowGeometry:
