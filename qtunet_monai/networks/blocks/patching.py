@@ -89,8 +89,13 @@ class PatchMerging(nn.Module):
 
 
 class PatchExpanding(nn.Module):
-    """Linear ``dim -> prod(factors) * out_dim`` without bias, rearranged into ``factors`` sub-tokens
-    of ``out_dim`` channels, cropped to the target shape, then LayerNorm(out_dim).
+    """Linear ``dim -> prod(factors) * out_dim`` without bias, split into ``factors`` sub-tokens of
+    ``out_dim`` channels, LayerNorm(out_dim), rearranged onto the finer grid and cropped to the
+    target shape.
+
+    The sub-tokens are normalised (and optionally projected) *before* the rearrangement: the result
+    is the same, but a projection to few channels, like the classifier, then rearranges a small tensor
+    instead of the full-width one.
 
     Args:
         dim: input token width.
@@ -104,9 +109,21 @@ class PatchExpanding(nn.Module):
         self.expand = nn.Linear(dim, math.prod(self.factors) * out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
-    def forward(self, x: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor:
-        """``target_shape``: spatial shape to crop to (that of the matching encoder stage)."""
-        x = channels_to_space(self.expand(x), self.factors)
+    def forward(
+        self, x: torch.Tensor, target_shape: Sequence[int], project: nn.Module | None = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: tokens ``(B, *spatial, dim)``.
+            target_shape: spatial shape to crop to (that of the matching encoder stage or the input).
+            project: optional per-token module applied to the normalised sub-tokens.
+        """
+        b, *spatial, _ = x.shape
+        # (B, tokens, sub-tokens, C): 4-d whatever spatial_dims, which fvcore's norm counter requires
+        sub_tokens = self.norm(self.expand(x).view(b, -1, math.prod(self.factors), self.norm.normalized_shape[0]))
+        if project is not None:
+            sub_tokens = project(sub_tokens)
+        x = channels_to_space(sub_tokens.reshape(b, *spatial, -1), self.factors)
         if tuple(x.shape[1:-1]) != tuple(target_shape):
             x = x[(slice(None), *(slice(0, s) for s in target_shape))]
-        return self.norm(x)
+        return x

@@ -148,8 +148,8 @@ class QTUNet(nn.Module):
             tokens = project(torch.cat([tokens, skip], dim=-1))
             tokens = stage(tokens, skip, encoder_kvs[level] if encoder_kvs else None)
 
-        tokens = self.head_expand(self.head_norm(tokens), x.shape[2:])
-        return self.classifier(tokens).movedim(-1, 1)
+        logits = self.head_expand(self.head_norm(tokens), x.shape[2:], project=self.classifier)
+        return logits.movedim(-1, 1)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
