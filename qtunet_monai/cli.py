@@ -4,6 +4,7 @@
 Commands:
     info   parameters and fvcore GFLOPs of one configuration.
     table  the whole family against the thesis' parameter and FLOP tables.
+    bench  speed and memory against MONAI's SwinUNETR, UNETR, SegResNet and UNet.
 """
 
 from __future__ import annotations
@@ -93,7 +94,16 @@ def table(variants: str | list = "tiny,small,base", flops: bool = True, json_fil
             json.dump(rows, f, indent=1)
 
 
-COMMANDS = {"info": info, "table": table}
+def bench(**kwargs) -> None:
+    """Benchmark QT-UNet against MONAI's networks (see ``qtunet_monai.benchmark.bench``)."""
+    from .benchmark import bench as run
+
+    run(**kwargs)
+
+
+bench.__doc__ = __import__("qtunet_monai.benchmark", fromlist=["bench"]).bench.__doc__
+
+COMMANDS = {"info": info, "table": table, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,4 +115,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "main"]
+__all__ = ["info", "table", "bench", "main"]

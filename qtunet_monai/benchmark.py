@@ -1,0 +1,357 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""QT-UNet against MONAI's networks, measured side by side in one run.
+
+Timings alternate between models inside each repeat (model A, B, C, then A, B, C again ...), so a
+noisy machine slows all of them alike and the ratios survive. Peak memory is measured per model
+and scenario in a fresh child process on CPU (process RSS is monotonic, so it cannot be isolated
+in one process) and with ``torch.cuda.max_memory_allocated`` on GPU.
+
+Run ``python -m qtunet_monai bench --help`` for the options; results go to JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .networks import QTUNet
+
+__all__ = ["MODELS", "SCENARIOS", "build_model", "run_benchmark", "bench"]
+
+IN_CHANNELS, OUT_CHANNELS = 4, 3  # BraTS: 4 MRI channels -> TC, WT, ET
+REFERENCE = "swinunetr"
+BRATS_VOLUME = (240, 240, 155)
+
+#: peak dense bf16 tensor-core rates (TFLOP/s) for model FLOPs utilisation, by device-name substring
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "4090": 165.2}
+
+
+def _swinunetr(roi: int) -> nn.Module:
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(IN_CHANNELS, OUT_CHANNELS, feature_size=48, spatial_dims=3)
+
+
+def _unetr(roi: int) -> nn.Module:
+    from monai.networks.nets import UNETR
+
+    return UNETR(IN_CHANNELS, OUT_CHANNELS, img_size=roi, feature_size=16, spatial_dims=3)
+
+
+def _segresnet(roi: int) -> nn.Module:
+    from monai.networks.nets import SegResNet
+
+    # MONAI's BraTS tutorial configuration
+    return SegResNet(3, init_filters=16, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, blocks_down=(1, 2, 2, 4))
+
+
+def _unet(roi: int) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    # MONAI's spleen tutorial configuration
+    return UNet(3, IN_CHANNELS, OUT_CHANNELS, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+
+
+#: model name -> builder(roi); UNETR needs the input size at construction.
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "qtunet-tiny": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="tiny"),
+    "qtunet-small": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="small"),
+    "qtunet-base": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="base"),
+    "swinunetr": _swinunetr,
+    "unetr": _unetr,
+    "segresnet": _segresnet,
+    "unet": _unet,
+}
+
+#: scenario -> (kind, roi). ``sliding`` runs a whole BraTS-sized volume through MONAI's sliding window.
+SCENARIOS = {
+    "infer96": ("infer", 96),
+    "infer128": ("infer", 128),
+    "train96": ("train", 96),
+    "train128": ("train", 128),
+    "sliding128": ("sliding", 128),
+}
+
+
+def build_model(name: str, roi: int, device: torch.device) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {list(MODELS)}.")
+    torch.manual_seed(0)
+    return MODELS[name](roi).to(device)
+
+
+class _Runner:
+    """One model in one scenario: a callable that performs the measured work once."""
+
+    def __init__(self, name: str, kind: str, roi: int, device: torch.device, amp: str | None, compile: bool,
+                 batch: int, overlap: float):
+        self.kind, self.roi, self.device, self.batch = kind, roi, device, batch
+        self.model = build_model(name, roi, device)
+        self.step_model = torch.compile(self.model) if compile else self.model
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        self.overlap = overlap
+        if kind == "train":
+            self.model.train()
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+            self.x = torch.randn(batch, IN_CHANNELS, roi, roi, roi, device=device)
+            self.target = torch.rand(batch, OUT_CHANNELS, roi, roi, roi, device=device)
+        elif kind == "infer":
+            self.model.eval()
+            self.x = torch.randn(batch, IN_CHANNELS, roi, roi, roi, device=device)
+        else:
+            self.model.eval()
+            self.x = torch.randn(1, IN_CHANNELS, *BRATS_VOLUME, device=device)
+
+    def __call__(self) -> None:
+        if self.kind == "train":
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = nn.functional.mse_loss(self.step_model(self.x).float(), self.target)
+            loss.backward()
+            self.optimizer.step()
+        elif self.kind == "infer":
+            with torch.inference_mode(), self.autocast():
+                self.step_model(self.x)
+        else:
+            from monai.inferers import sliding_window_inference
+
+            with torch.inference_mode(), self.autocast():
+                sliding_window_inference(self.x, (self.roi,) * 3, 1, self.step_model, overlap=self.overlap)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_child(args: tuple, queue) -> None:
+    name, kind, roi, overlap = args
+    baseline = _rss_mb()
+    runner = _Runner(name, kind, roi, torch.device("cpu"), None, False, 1, overlap)
+    runner()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline)
+
+
+def _cpu_peak_memory_mb(name: str, kind: str, roi: int, overlap: float) -> float:
+    """Peak RSS increase (weights, activations, optimiser state) in a fresh process."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_rss_child, args=((name, kind, roi, overlap), queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        return float("nan")
+    return queue.get()
+
+
+def _forward_gflops(name: str, roi: int) -> float | None:
+    try:
+        from .complexity import count_flops
+    except ImportError:
+        return None
+    try:
+        return count_flops(build_model(name, roi, torch.device("cpu")), (1, IN_CHANNELS, roi, roi, roi)) / 1e9
+    except Exception as e:  # fvcore cannot trace every network; FLOPs are then left out
+        print(f"FLOPs of {name} not counted: {e}")
+        return None
+
+
+def run_benchmark(
+    models: Sequence[str],
+    scenarios: Sequence[str],
+    repeats: int = 3,
+    device: str = "cpu",
+    amp: str | None = None,
+    compile: bool = False,
+    batch: int = 1,
+    overlap: float = 0.5,
+    memory: bool = True,
+    flops: bool = True,
+    peak_tflops: float | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Measure ``models`` in ``scenarios``; see :func:`bench` for the arguments.
+
+    Returns a dict with the environment and, per scenario and model, the median time (s), all
+    timings, peak memory (MB), the speed and memory ratios against SwinUNETR, and on training
+    scenarios throughput and model FLOPs utilisation.
+    """
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise ValueError(f"unknown scenario {s!r}; choose from {list(SCENARIOS)}.")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no GPU.")
+    if peak_tflops is None and dev.type == "cuda":
+        gpu = torch.cuda.get_device_name(dev)
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    result: dict = {
+        "environment": {
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "amp": amp,
+            "compile": compile,
+            "batch": batch,
+            "repeats": repeats,
+            "sliding_overlap": overlap,
+            "peak_tflops": peak_tflops,
+        },
+        "scenarios": {},
+    }
+    for scenario in scenarios:
+        kind, roi = SCENARIOS[scenario]
+        log(f"[{scenario}] building {len(models)} models")
+        runners = {}
+        for name in models:
+            try:
+                runners[name] = _Runner(name, kind, roi, dev, amp, compile, batch, overlap)
+                runners[name]()  # warm-up (and compilation)
+            except torch.OutOfMemoryError:
+                log(f"[{scenario}] {name}: out of memory")
+                runners.pop(name, None)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        timings: dict[str, list[float]] = {name: [] for name in runners}
+        for r in range(repeats):
+            for name, run in runners.items():  # alternate between models within each repeat
+                start = time.perf_counter()
+                run()
+                timings[name].append(time.perf_counter() - start)
+                log(f"[{scenario}] repeat {r + 1}/{repeats} {name}: {timings[name][-1]:.3f} s")
+        rows = {}
+        for name, run in runners.items():
+            rows[name] = {"seconds": statistics.median(timings[name]), "all_seconds": timings[name]}
+            rows[name]["params_m"] = sum(p.numel() for p in run.model.parameters()) / 1e6
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+                run()
+                rows[name]["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        del runners
+        gc.collect()
+        if dev.type == "cpu" and memory:
+            for name in rows:
+                log(f"[{scenario}] peak memory of {name} (fresh process)")
+                rows[name]["peak_memory_mb"] = _cpu_peak_memory_mb(name, kind, roi, overlap)
+        if kind != "sliding" and flops:
+            for name in rows:
+                rows[name]["forward_gflops"] = _forward_gflops(name, roi)
+        if kind == "train":
+            for name, row in rows.items():
+                row["volumes_per_second"] = batch / row["seconds"]
+                if peak_tflops and row.get("forward_gflops"):
+                    # fvcore counts multiply-accumulates; a training step is ~3 forward passes
+                    achieved = 3 * 2 * row["forward_gflops"] * batch / row["seconds"] / 1e3
+                    row["mfu"] = achieved / peak_tflops
+        reference = rows.get(REFERENCE)
+        for row in rows.values():
+            if reference:
+                row["speedup_vs_swinunetr"] = reference["seconds"] / row["seconds"]
+                if "peak_memory_mb" in row and "peak_memory_mb" in reference:
+                    row["memory_vs_swinunetr"] = row["peak_memory_mb"] / reference["peak_memory_mb"]
+        result["scenarios"][scenario] = rows
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    """Markdown tables (one per scenario) of a :func:`run_benchmark` result."""
+    env = result["environment"]
+    lines = [
+        f"Device: {env['device']} ({env['cpu_threads']} CPU threads), torch {env['torch']}, "
+        f"amp {env['amp'] or 'off'}, compile {env['compile']}, batch {env['batch']}, "
+        f"median of {env['repeats']} alternating repeats.",
+        "",
+    ]
+    for scenario, rows in result["scenarios"].items():
+        kind, roi = SCENARIOS[scenario]
+        title = {
+            "infer": f"Inference, 1 x {IN_CHANNELS} x {roi}^3",
+            "train": f"Training step (forward, backward, Adam), {env['batch']} x {IN_CHANNELS} x {roi}^3",
+            "sliding": f"Sliding-window inference of a {IN_CHANNELS} x {' x '.join(map(str, BRATS_VOLUME))} "
+            f"volume, ROI {roi}^3, overlap {env['sliding_overlap']}",
+        }[kind]
+        lines += [f"**{title}**", ""]
+        header = "| model | params (M) | GFLOPs | time (s) | speed-up vs SwinUNETR | peak memory (MB) | memory vs SwinUNETR |"
+        sep = "|---|---:|---:|---:|---:|---:|---:|"
+        if kind == "train":
+            header += " volumes/s | MFU |"
+            sep += "---:|---:|"
+        lines += [header, sep]
+        for name, row in rows.items():
+            def fmt(key, spec):
+                value = row.get(key)
+                return format(value, spec) if isinstance(value, (int, float)) and value == value else "-"
+
+            line = (
+                f"| {name} | {fmt('params_m', '.1f')} | {fmt('forward_gflops', '.1f')} | {fmt('seconds', '.3f')} "
+                f"| {fmt('speedup_vs_swinunetr', '.2f')}x | {fmt('peak_memory_mb', '.0f')} "
+                f"| {fmt('memory_vs_swinunetr', '.2f')} |"
+            )
+            if kind == "train":
+                mfu = row.get("mfu")
+                line += f" {fmt('volumes_per_second', '.3f')} | {f'{100 * mfu:.1f} %' if mfu else '-'} |"
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bench(
+    models: str | Sequence[str] = ",".join(MODELS),
+    scenarios: str | Sequence[str] = "infer96,infer128,train96,sliding128",
+    repeats: int = 3,
+    device: str = "cpu",
+    amp: str | None = None,
+    compile: bool = False,
+    batch: int = 1,
+    overlap: float = 0.5,
+    memory: bool = True,
+    flops: bool = True,
+    peak_tflops: float | None = None,
+    out_dir: str = "benchmarks/results",
+    tag: str | None = None,
+) -> None:
+    """Benchmark QT-UNet T/S/B against MONAI's SwinUNETR (feature size 48), UNETR, SegResNet and UNet.
+
+    Args:
+        models: comma-separated names from qtunet-tiny, qtunet-small, qtunet-base, swinunetr, unetr,
+            segresnet, unet.
+        scenarios: comma-separated from infer96, infer128, train96, train128, sliding128.
+        repeats: timed repeats per model (after one warm-up), alternating between models.
+        device: cpu or cuda.
+        amp: None, bf16 or fp16 (torch.autocast).
+        compile: wrap each model in torch.compile.
+        batch: batch size of the inference and training scenarios.
+        overlap: sliding-window overlap.
+        memory: measure peak memory (CPU: one fresh process per model and scenario).
+        flops: count forward GFLOPs with fvcore (for the table and MFU).
+        peak_tflops: the device's peak bf16 rate for MFU; detected for common GPUs.
+        out_dir: where ``<tag>.json`` and ``<tag>.md`` are written.
+        tag: file name stem; default ``bench-<device>``.
+    """
+    split = lambda v: [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)  # noqa: E731
+    result = run_benchmark(
+        split(models), split(scenarios), repeats, device, amp, compile, batch, overlap, memory, flops, peak_tflops
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = tag or f"bench-{torch.device(device).type}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    markdown = to_markdown(result)
+    (out / f"{stem}.md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"written: {out / f'{stem}.json'}, {out / f'{stem}.md'}")

@@ -1,0 +1,56 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""The benchmark command measures what it claims (on small inputs; the benchmark is not a timed test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from qtunet_monai import benchmark
+
+
+@pytest.fixture
+def small_scenarios(monkeypatch):
+    monkeypatch.setitem(benchmark.SCENARIOS, "infer64", ("infer", 64))
+    monkeypatch.setitem(benchmark.SCENARIOS, "train64", ("train", 64))
+
+
+def test_run_benchmark_alternates_models_and_reports_ratios(small_scenarios):
+    log = []
+    result = benchmark.run_benchmark(
+        ["qtunet-tiny", "swinunetr"], ["infer64", "train64"], repeats=2, memory=True, flops=True,
+        log=log.append,
+    )
+    for scenario in ("infer64", "train64"):
+        rows = result["scenarios"][scenario]
+        assert set(rows) == {"qtunet-tiny", "swinunetr"}
+        assert rows["swinunetr"]["speedup_vs_swinunetr"] == pytest.approx(1.0)
+        for row in rows.values():
+            assert len(row["all_seconds"]) == 2 and row["seconds"] > 0
+            assert row["peak_memory_mb"] > 0 and math.isfinite(row["peak_memory_mb"])
+            assert row["speedup_vs_swinunetr"] == pytest.approx(rows["swinunetr"]["seconds"] / row["seconds"])
+        assert rows["qtunet-tiny"]["params_m"] == pytest.approx(6.65, rel=0.01)
+        assert rows["qtunet-tiny"]["forward_gflops"] > 0
+    assert result["scenarios"]["train64"]["qtunet-tiny"]["volumes_per_second"] > 0
+    # timings alternate: within a repeat every model runs before any model runs again
+    timed = [line.split()[-3].rstrip(":") for line in log if "repeat" in line and "infer64" in line]
+    assert timed == ["qtunet-tiny", "swinunetr"] * 2
+    table = benchmark.to_markdown(result)
+    assert "| qtunet-tiny |" in table and "speed-up vs SwinUNETR" in table
+
+
+def test_bench_writes_json_and_markdown(tmp_path, small_scenarios):
+    benchmark.bench(models="qtunet-tiny,swinunetr", scenarios="infer64", repeats=1, memory=False, flops=False,
+                    out_dir=str(tmp_path), tag="t")
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert set(data["scenarios"]["infer64"]) == {"qtunet-tiny", "swinunetr"}
+    assert (tmp_path / "t.md").read_text().count("| qtunet-tiny |") == 1
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown scenario 'infer7'"):
+        benchmark.run_benchmark(["unet"], ["infer7"])
+    with pytest.raises(ValueError, match="unknown model 'vnet'"):
+        benchmark.build_model("vnet", 96, "cpu")
