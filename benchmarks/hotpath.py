@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
 import torch
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
     from qtunet_monai import QTUNet
 
     device = torch.device(args.device)
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
     torch.manual_seed(0)
     net = QTUNet(4, 3, variant=args.variant).to(device)
     x = torch.randn(1, 4, *(args.roi,) * 3, device=device)
@@ -79,7 +78,7 @@ def main() -> None:
         "roi": args.roi,
         "infer_s": round(statistics.median(timings["infer"]), 3),
         "train_s": round(statistics.median(timings["train"]), 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline),
+        "peak_rss_mb": round(_status_mb("VmHWM") - baseline),
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))

@@ -14,9 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import multiprocessing
-import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -134,17 +132,24 @@ class _Runner:
             torch.cuda.synchronize(self.device)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS now, VmHWM peak) in MB.
+
+    VmHWM belongs to the process' own address space; ``getrusage``'s ru_maxrss would not do in a
+    child, since Linux carries the parent's peak over fork and exec into it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _peak_rss_child(args: tuple, queue) -> None:
     name, kind, roi, overlap = args
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
     runner = _Runner(name, kind, roi, torch.device("cpu"), None, False, 1, overlap)
     runner()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline)
+    queue.put(_status_mb("VmHWM") - baseline)
 
 
 def _cpu_peak_memory_mb(name: str, kind: str, roi: int, overlap: float) -> float:

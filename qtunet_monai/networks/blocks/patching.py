@@ -109,6 +109,16 @@ class PatchExpanding(nn.Module):
         self.expand = nn.Linear(dim, math.prod(self.factors) * out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
+    #: tokens expanded at a time when a ``project`` follows and no gradients are needed
+    inference_chunk = 4096
+
+    def _sub_tokens(self, tokens: torch.Tensor, project: nn.Module | None) -> torch.Tensor:
+        """``(B, T, dim)`` -> normalised (and projected) sub-tokens ``(B, T, prod(factors), C)``:
+        4-d whatever spatial_dims, which fvcore's norm counter requires."""
+        b, t, _ = tokens.shape
+        sub_tokens = self.norm(self.expand(tokens).view(b, t, math.prod(self.factors), self.norm.normalized_shape[0]))
+        return sub_tokens if project is None else project(sub_tokens)
+
     def forward(
         self, x: torch.Tensor, target_shape: Sequence[int], project: nn.Module | None = None
     ) -> torch.Tensor:
@@ -118,11 +128,16 @@ class PatchExpanding(nn.Module):
             target_shape: spatial shape to crop to (that of the matching encoder stage or the input).
             project: optional per-token module applied to the normalised sub-tokens.
         """
-        b, *spatial, _ = x.shape
-        # (B, tokens, sub-tokens, C): 4-d whatever spatial_dims, which fvcore's norm counter requires
-        sub_tokens = self.norm(self.expand(x).view(b, -1, math.prod(self.factors), self.norm.normalized_shape[0]))
-        if project is not None:
-            sub_tokens = project(sub_tokens)
+        b, *spatial, c = x.shape
+        tokens = x.reshape(b, -1, c)
+        if project is not None and not torch.is_grad_enabled() and tokens.shape[1] > self.inference_chunk:
+            # Without autograd nothing needs the full-width sub-tokens at once: expanding a chunk of
+            # tokens at a time bounds the peak memory of the classifier head (the largest tensor of
+            # the network) without changing the result.
+            chunks = [self._sub_tokens(t, project) for t in tokens.split(self.inference_chunk, dim=1)]
+            sub_tokens = torch.cat(chunks, dim=1)
+        else:
+            sub_tokens = self._sub_tokens(tokens, project)
         x = channels_to_space(sub_tokens.reshape(b, *spatial, -1), self.factors)
         if tuple(x.shape[1:-1]) != tuple(target_shape):
             x = x[(slice(None), *(slice(0, s) for s in target_shape))]

@@ -24,6 +24,7 @@ __all__ = [
     "EncoderStage",
     "DecoderStage",
     "sinusoidal_position_encoding",
+    "maybe_checkpoint",
 ]
 
 DECODERS = ("qt", "vt", "none")
@@ -178,7 +179,9 @@ class VTDecoderSubBlock(SwinSubBlock):
         return (1 - self.alpha) * x_self + self.alpha * x_cross + self._mlp_residual(position)
 
 
-def _maybe_checkpoint(block: nn.Module, use_checkpoint: bool, *args):
+def maybe_checkpoint(block, use_checkpoint: bool, *args):
+    """``block(*args)``, recomputed in the backward pass instead of stored when ``use_checkpoint``
+    and gradients are on."""
     if use_checkpoint and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
@@ -241,10 +244,10 @@ class EncoderStage(_Stage):
         kvs = []
         for block, geometry in zip(self.blocks, self.geometries(x)):
             if return_kv:
-                x, kv = _maybe_checkpoint(block.forward_with_kv, self.use_checkpoint, x, geometry)
+                x, kv = maybe_checkpoint(block.forward_with_kv, self.use_checkpoint, x, geometry)
                 kvs.append(kv)
             else:
-                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry)
+                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry)
         return (x, kvs) if return_kv else x
 
 
@@ -280,9 +283,9 @@ class DecoderStage(_Stage):
         sub-block (VT decoder only)."""
         for i, (block, geometry) in enumerate(zip(self.blocks, self.geometries(x))):
             if self.decoder == "qt":
-                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry, context)
+                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry, context)
             elif self.decoder == "vt":
-                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry, encoder_kv[i])  # type: ignore[index]
+                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry, encoder_kv[i])  # type: ignore[index]
             else:
-                x = _maybe_checkpoint(block, self.use_checkpoint, x, geometry)
+                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry)
         return x

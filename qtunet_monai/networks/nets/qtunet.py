@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..blocks.patching import PatchEmbedding, PatchExpanding, PatchMerging
-from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage
+from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage, maybe_checkpoint
 
 __all__ = ["QTUNet", "VARIANTS", "ARCHITECTURES", "build_architecture"]
 
@@ -96,6 +96,7 @@ class QTUNet(nn.Module):
         self.spatial_dims = spatial_dims
         self.feature_size = feature_size
         self.decoder_type = decoder
+        self.use_checkpoint = use_checkpoint
         # MONAI's spatial order is (H, W, D): keeping depth means not merging the last axis.
         factors = (2,) * spatial_dims if (merge_depth or spatial_dims == 2) else (2, 2, 1)
         widths = [feature_size * 2**i for i in range(_STAGES + 1)]  # C, 2C, 4C, 8C
@@ -148,7 +149,10 @@ class QTUNet(nn.Module):
             tokens = project(torch.cat([tokens, skip], dim=-1))
             tokens = stage(tokens, skip, encoder_kvs[level] if encoder_kvs else None)
 
-        logits = self.head_expand(self.head_norm(tokens), x.shape[2:], project=self.classifier)
+        # the x4 expansion holds the network's largest activations: recompute it too when checkpointing
+        logits = maybe_checkpoint(
+            self.head_expand, self.use_checkpoint, self.head_norm(tokens), x.shape[2:], self.classifier
+        )
         return logits.movedim(-1, 1)
 
     def _check_input(self, x: torch.Tensor) -> None:
