@@ -5,6 +5,8 @@ Commands:
     info   parameters and fvcore GFLOPs of one configuration.
     table  the whole family against the thesis' parameter and FLOP tables.
     bench  speed and memory against MONAI's SwinUNETR, UNETR, SegResNet and UNet.
+    prepare_demo  write the demo data set (needs the demo extra: nilearn).
+    demo_report   Dice per class and a PNG figure of the demo bundle's test prediction.
 """
 
 from __future__ import annotations
@@ -103,7 +105,48 @@ def bench(**kwargs) -> None:
 
 bench.__doc__ = __import__("qtunet_monai.benchmark", fromlist=["bench"]).bench.__doc__
 
-COMMANDS = {"info": info, "table": table, "bench": bench}
+def prepare_demo(output_dir: str = "bundles/qtunet_demo_brain_tissue_segmentation/data", num_train: int = 12,
+                 num_val: int = 3, spacing: float = 2.0, seed: int = 0) -> None:
+    """Write the demo data set (MNI ICBM152 template from nilearn, randomly deformed) and its data list.
+
+    Args:
+        output_dir: where imagesTr, labelsTr, imagesTs, labelsTs, dataset.json and datalist.json go.
+        num_train: training cases.
+        num_val: validation cases.
+        spacing: voxel size in mm.
+        seed: seed of the random deformations.
+    """
+    from .data.demo import prepare_demo as run
+
+    print(f"data list written: {run(output_dir, num_train, num_val, spacing, seed)}")
+
+
+def demo_report(bundle_dir: str = "bundles/qtunet_demo_brain_tissue_segmentation",
+                figure_file: str | None = None) -> None:
+    """Print Dice per class of the demo bundle's prediction of the test case and write a PNG figure.
+
+    Args:
+        bundle_dir: the demo bundle (after training and inference).
+        figure_file: the PNG to write; default ``<bundle_dir>/eval/demo_report.png``.
+    """
+    from pathlib import Path
+
+    from .data.demo import report
+
+    root = Path(bundle_dir)
+    figure = figure_file or str(root / "eval" / "demo_report.png")
+    scores = report(
+        str(root / "eval" / "brain_template_seg.nii.gz"),
+        str(root / "data" / "labelsTs" / "brain_template.nii.gz"),
+        str(root / "data" / "imagesTs" / "brain_template.nii.gz"),
+        figure,
+    )
+    print("Dice on the test case (undeformed template): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(f"figure written: {figure}")
+    (root / "eval" / "demo_report.json").write_text(json.dumps(scores, indent=1))
+
+
+COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "bench", "main"]
+__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "main"]

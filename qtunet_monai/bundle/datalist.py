@@ -1,0 +1,147 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Data lists for the bundles, checked before any training starts.
+
+Every problem is reported with the file it is in and what is wrong (an empty list, a missing or
+unreadable file, a wrong channel count, image and label of different shapes, NaN intensities,
+label values outside the task's classes), as one :class:`DataError` listing all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "load_datalist", "check_cases"]
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names each file and what is wrong with it."""
+
+
+def load_datalist(datalist_file: str, key: str, base_dir: str | None = None) -> list[dict]:
+    """Read the ``key`` split (``training``, ``validation``, ``testing``) of a JSON data list and
+    make its file paths absolute (relative paths are relative to ``base_dir``, default the list's
+    folder). Image entries may be a list of files (one per channel).
+
+    Raises:
+        DataError: the file is missing or not JSON, the split is absent or empty.
+    """
+    path = Path(datalist_file)
+    if not path.is_file():
+        raise DataError(f"data list {path} does not exist; prepare the data first (see the bundle's docs/README.md).")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"data list {path} is not readable JSON: {e}") from e
+    items = content.get(key) if isinstance(content, dict) else None
+    if not items:
+        raise DataError(f"data list {path} has no '{key}' cases (found keys: {list(content) if isinstance(content, dict) else type(content).__name__}).")
+    root = Path(base_dir) if base_dir else path.parent
+
+    def resolve(value):
+        if isinstance(value, str):
+            return str(value if Path(value).is_absolute() else (root / value).resolve())
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    return [{k: resolve(v) if k in ("image", "label") else v for k, v in item.items()} for item in items]
+
+
+def _load(path: str):
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        return image, np.asanyarray(image.dataobj)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # nibabel raises several types for bad files
+        raise OSError(f"unreadable ({type(e).__name__}: {e})") from e
+
+
+def check_cases(
+    items: Sequence[dict],
+    in_channels: int,
+    num_classes: int | None = None,
+    label_values: Sequence[int] | None = None,
+    check_values: bool = True,
+) -> list[dict]:
+    """Check every case of a data list before training; returns ``items`` unchanged when all is well.
+
+    Args:
+        items: cases with ``image`` (a file or a list of per-channel files) and optionally ``label``.
+        in_channels: channels the network expects (a 4-d image's last axis, or the number of files).
+        num_classes: labels must lie in ``[0, num_classes)``; ignored when ``label_values`` is given.
+        label_values: the exact label values allowed (e.g. BraTS' 0, 1, 2, 4).
+        check_values: also read the voxels (NaN/inf intensities, label values); headers only if False.
+
+    Raises:
+        DataError: listing each bad file and its problem.
+    """
+    if not items:
+        raise DataError("the data list is empty: no cases to train or evaluate on.")
+    allowed = set(label_values) if label_values is not None else (set(range(num_classes)) if num_classes else None)
+    problems: list[str] = []
+    for item in items:
+        images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        spatial, channels = None, 0
+        for file in images:
+            try:
+                header_only = not check_values
+                img, data = _load(file) if not header_only else (_header(file), None)
+            except FileNotFoundError:
+                problems.append(f"{file}: file not found")
+                continue
+            except OSError as e:
+                problems.append(f"{file}: {e}")
+                continue
+            shape = tuple(img.shape)
+            spatial = spatial or shape[:3]
+            if shape[:3] != spatial:
+                problems.append(f"{file}: spatial shape {shape[:3]} differs from the case's other channels {spatial}")
+            channels += shape[3] if len(shape) > 3 else 1
+            if data is not None and not np.isfinite(data).all():
+                problems.append(f"{file}: image contains NaN or infinite intensities")
+        if channels and channels != in_channels:
+            problems.append(f"{images[0]}: {channels} image channel(s), but the network expects {in_channels}")
+        label = item.get("label")
+        if label is None:
+            continue
+        try:
+            lab, data = _load(label) if check_values else (_header(label), None)
+        except FileNotFoundError:
+            problems.append(f"{label}: file not found")
+            continue
+        except OSError as e:
+            problems.append(f"{label}: {e}")
+            continue
+        if spatial is not None and tuple(lab.shape[:3]) != spatial:
+            problems.append(f"{label}: label shape {tuple(lab.shape[:3])} does not match image shape {spatial}")
+        if data is not None and allowed is not None:
+            values = set(np.unique(data).tolist())
+            if not values <= allowed:
+                problems.append(
+                    f"{label}: label values {sorted(values - allowed)} are outside the task's classes {sorted(allowed)}"
+                )
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in the data:\n  " + "\n  ".join(problems))
+    logger.info(f"checked {len(items)} case(s): channels, shapes{', intensities and labels' if check_values else ''} ok.")
+    return list(items)
+
+
+def _header(path: str):
+    import nibabel as nib
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
+    try:
+        return nib.load(path)
+    except Exception as e:
+        raise OSError(f"unreadable ({type(e).__name__}: {e})") from e

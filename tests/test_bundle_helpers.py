@@ -1,0 +1,65 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Checkpoint helpers of the bundles: atomic writes and fine-tune initialisation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from qtunet_monai import QTUNet
+from qtunet_monai.bundle import atomic_save, load_pretrained
+
+
+def test_atomic_save_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "models" / "model.pt"
+    atomic_save({"a": torch.ones(3)}, target)
+    atomic_save({"a": torch.zeros(3)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.zeros(3))
+    assert [p.name for p in target.parent.iterdir()] == ["model.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "model.pt"
+    atomic_save({"a": torch.ones(2)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save({"a": Unpicklable()}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_finetune_initialisation_copies_the_encoder_and_reports_keys(tmp_path):
+    torch.manual_seed(1)
+    pretrained = QTUNet(1, 4, feature_size=12)
+    atomic_save({"model": pretrained.state_dict()}, tmp_path / "pre.pt")
+    torch.manual_seed(2)
+    target = QTUNet(1, 7, feature_size=12)  # another task: a different classifier
+    report = load_pretrained(target, str(tmp_path / "pre.pt"), prefix="encoder_stages.")
+    for key, value in target.state_dict().items():
+        if key.startswith("encoder_stages."):
+            assert torch.equal(value, pretrained.state_dict()[key]), key
+    assert report["loaded"] and all(k.startswith("encoder_stages.") for k in report["loaded"])
+    assert not report["missing"]
+
+
+def test_finetune_refuses_mismatched_shapes_with_their_names(tmp_path):
+    atomic_save(QTUNet(1, 4, feature_size=12).state_dict(), tmp_path / "pre.pt")
+    with pytest.raises(ValueError, match=r"classifier.weight: checkpoint \(4, 12\) vs network \(7, 12\)"):
+        load_pretrained(QTUNet(1, 7, feature_size=12), str(tmp_path / "pre.pt"))
+    report = load_pretrained(QTUNet(1, 7, feature_size=12), str(tmp_path / "pre.pt"), strict_shapes=False)
+    assert report["missing"] == ["classifier.weight"]
+
+
+def test_finetune_names_an_unreadable_checkpoint(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the checkpoint .*broken.pt"):
+        load_pretrained(QTUNet(1, 2, feature_size=12), str(tmp_path / "broken.pt"))
