@@ -79,11 +79,10 @@ def reference_volume(spacing: float = 2.0, margin: int = 4) -> tuple[np.ndarray,
 
     image_t = resample_image(MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine)))
     label_t = resample_label(MetaTensor(torch.from_numpy(label.astype(np.float32))[None], affine=torch.from_numpy(affine)))
-    return (
-        image_t[0].numpy().astype(np.float32),
-        label_t[0].numpy().round().astype(np.uint8),
-        image_t.affine.numpy(),
-    )
+    label_out = label_t[0].numpy().round().astype(np.uint8)
+    # bilinear resampling blurs the brain's edge into the background: keep background exactly 0
+    image_out = image_t[0].numpy().astype(np.float32) * (label_out > 0)
+    return image_out, label_out, image_t.affine.numpy()
 
 
 def _deformation(seed: int):
@@ -139,8 +138,12 @@ def prepare_demo(output_dir: str | Path, num_train: int = 12, num_val: int = 3, 
     names = [f"brain_{i:03d}" for i in range(num_train + num_val)]
     for i, name in enumerate(names):
         case = _deformation(seed + i)({"image": torch.from_numpy(image)[None], "label": torch.from_numpy(label)[None]})
-        _save(np.asarray(case["image"][0]), affine, out / "imagesTr" / f"{name}.nii.gz", np.float32)
-        _save(np.asarray(case["label"][0]).round(), affine, out / "labelsTr" / f"{name}.nii.gz", np.uint8)
+        case_label = np.asarray(case["label"][0]).round()
+        # skull-stripped like the template: noise and bias only inside the brain, background exactly 0
+        # (the bundles' non-zero normalisation relies on it)
+        case_image = np.asarray(case["image"][0]) * (case_label > 0)
+        _save(case_image, affine, out / "imagesTr" / f"{name}.nii.gz", np.float32)
+        _save(case_label, affine, out / "labelsTr" / f"{name}.nii.gz", np.uint8)
     _save(image, affine, out / "imagesTs" / "brain_template.nii.gz", np.float32)
     _save(label, affine, out / "labelsTs" / "brain_template.nii.gz", np.uint8)
 

@@ -1,0 +1,208 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""The demo bundle end to end on its real (shipped) data: MONAI's bundle checks, training,
+evaluation, inference, torchrun with gloo, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nilearn")
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
+SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+# A narrower network keeps the CPU runs short; every command of a test gets the same override.
+SMALL = ["--network_def#feature_size", "12"]
+
+
+def _run(args, cwd, timeout=900, check=True, extra_env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def _bundle_run(bundle, configs, *overrides, **kwargs):
+    files = "[" + ",".join(f"'configs/{c}'" for c in configs) + "]"
+    return _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *overrides], bundle, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from qtunet_monai.data.demo import prepare_demo
+
+    folder = tmp_path_factory.mktemp("demo_data")
+    prepare_demo(folder, num_train=2, num_val=2)
+    return folder
+
+
+@pytest.fixture
+def bundle(tmp_path, demo_data):
+    """A fresh copy of the demo bundle with the prepared data in its data/ folder."""
+    root = tmp_path / BUNDLE.name
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("data", "models", "eval"))
+    shutil.copytree(demo_data, root / "data")
+    return root
+
+
+def test_prepared_data_is_in_decathlon_layout(demo_data):
+    dataset = json.loads((demo_data / "dataset.json").read_text())
+    assert dataset["labels"] == {"0": "background", "1": "CSF", "2": "grey matter", "3": "white matter"}
+    assert len(dataset["training"]) == 4
+    datalist = json.loads((demo_data / "datalist.json").read_text())
+    assert [len(datalist[k]) for k in ("training", "validation", "testing")] == [2, 2, 1]
+    image = nib.load(demo_data / datalist["training"][0]["image"])
+    label = np.asarray(nib.load(demo_data / datalist["training"][0]["label"]).dataobj)
+    assert image.shape == label.shape and np.allclose(image.header.get_zooms(), 2.0)
+    assert set(np.unique(label)) == {0, 1, 2, 3}
+    # a deformed case differs from the template
+    template = np.asarray(nib.load(demo_data / "labelsTs" / "brain_template.nii.gz").dataobj)
+    assert (template != label).mean() > 0.01
+
+
+def test_monai_bundle_checks(bundle):
+    if SCHEMA.is_file():
+        _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
+              "--filepath", str(SCHEMA)], bundle)
+    _run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+          "configs/metadata.json", "--config_file", "configs/inference.json", "--device", "cpu"], bundle)
+    (bundle / "models").mkdir()
+    from qtunet_monai import QTUNet
+
+    torch.save(QTUNet(1, 4).state_dict(), bundle / "models" / "model.pt")
+    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
+          "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json", "--config_file",
+          "configs/inference.json", "--use_trace", "True"], bundle)
+    assert torch.jit.load(bundle / "models" / "model.ts")(torch.randn(1, 1, 56, 56, 56)).shape == (1, 4, 56, 56, 56)
+
+
+def test_train_evaluate_infer_end_to_end(bundle, demo_data):
+    _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1", *SMALL)
+    model = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert "classifier.weight" in model  # a plain state dict, as MONAI's tools expect
+    resume = torch.load(bundle / "models" / "resume.pt", weights_only=True)
+    assert resume["epoch"] == 2 and {"model", "optimizer", "lr_scheduler"} <= set(resume)
+    assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
+
+    _bundle_run(bundle, ["train.json", "evaluate.json"], *SMALL)
+    summary = (bundle / "eval" / "val_mean_dice_raw.csv").read_text()
+    assert "brain_template" in summary
+
+    (bundle / "eval" / "brain_template_seg.nii.gz").unlink()
+    _bundle_run(bundle, ["inference.json"], *SMALL)
+    prediction = nib.load(bundle / "eval" / "brain_template_seg.nii.gz")
+    source = nib.load(demo_data / "imagesTs" / "brain_template.nii.gz")
+    assert prediction.shape == source.shape
+    np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(prediction.dataobj))) <= {0, 1, 2, 3}
+
+    from qtunet_monai.cli import demo_report
+
+    demo_report(str(bundle))
+    scores = json.loads((bundle / "eval" / "demo_report.json").read_text())
+    assert set(scores) == {"CSF", "grey matter", "white matter", "mean"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert (bundle / "eval" / "demo_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+          "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+          "--max_epochs", "1", "--val_interval", "1", *SMALL], bundle)
+    assert torch.load(bundle / "models" / "resume.pt", weights_only=True)["epoch"] == 1
+    assert (bundle / "models" / "model.pt").is_file()
+
+
+def test_killed_training_resumes_from_the_saved_epoch(bundle):
+    files = "['configs/train.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--max_epochs", "4",
+           "--val_interval", "10", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = bundle / "models" / "resume.pt"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # killed without warning, mid-run
+    proc.wait()
+    saved = torch.load(checkpoint, weights_only=True)
+    assert 1 <= saved["epoch"] < 4, "the run finished before it could be killed"
+
+    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "4", "--val_interval", "10", "--resume", "True", *SMALL)
+    log = done.stdout + done.stderr
+    assert f"resumed from" in log
+    epochs = sorted({int(line.split("Epoch: ")[1].split("/")[0]) for line in log.splitlines() if "Epoch: " in line})
+    assert epochs[0] == saved["epoch"] + 1 and epochs[-1] == 4, epochs
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 4
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("empty", "has no 'training' cases"),
+        ("missing_label", "file not found"),
+        ("label_out_of_range", "label values [7] are outside the task's classes [0, 1, 2, 3]"),
+        ("nan_image", "image contains NaN or infinite intensities"),
+        ("two_channels", "2 image channel(s), but the network expects 1"),
+        ("shape_mismatch", "does not match image shape"),
+        ("not_nifti", "unreadable"),
+    ],
+)
+def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, message):
+    datalist_file = bundle / "data" / "datalist.json"
+    datalist = json.loads(datalist_file.read_text())
+    case = datalist["training"][0]
+    image_path, label_path = bundle / "data" / case["image"], bundle / "data" / case["label"]
+    image = nib.load(image_path)
+    bad = image_path if damage in ("nan_image", "two_channels", "not_nifti") else label_path
+    if damage == "empty":
+        datalist["training"] = []
+        datalist_file.write_text(json.dumps(datalist))
+    elif damage == "missing_label":
+        label_path.unlink()
+    elif damage == "label_out_of_range":
+        label = np.asarray(nib.load(label_path).dataobj).copy()
+        label[0, 0, 0] = 7
+        nib.save(nib.Nifti1Image(label, image.affine), label_path)
+    elif damage == "nan_image":
+        data = np.asarray(image.dataobj).copy()
+        data[5, 5, 5] = np.nan
+        nib.save(nib.Nifti1Image(data, image.affine), image_path)
+    elif damage == "two_channels":
+        data = np.asarray(image.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([data, data], -1), image.affine), image_path)
+    elif damage == "shape_mismatch":
+        label = np.asarray(nib.load(label_path).dataobj)[:-3]
+        nib.save(nib.Nifti1Image(label, image.affine), label_path)
+    elif damage == "not_nifti":
+        image_path.write_bytes(b"this is not an image")
+    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "1", *SMALL, check=False)
+    assert done.returncode != 0
+    log = done.stdout + done.stderr
+    assert message in log, log[-3000:]
+    if damage != "empty":
+        assert str(bad.resolve()) in log
+    assert not (bundle / "models" / "resume.pt").exists(), "training started despite bad data"
+
+
+def test_training_cases_are_skull_stripped_like_the_test_case(demo_data):
+    """Background exactly 0 in every case, as in the template: non-zero normalisation then treats
+    training and test images alike."""
+    datalist = json.loads((demo_data / "datalist.json").read_text())
+    for case in datalist["training"] + datalist["testing"]:
+        image = np.asarray(nib.load(demo_data / case["image"]).dataobj)
+        label = np.asarray(nib.load(demo_data / case["label"]).dataobj)
+        assert (image[label == 0] == 0).all()
+        assert (image[label > 0] > 0).mean() > 0.95
