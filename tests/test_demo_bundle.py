@@ -142,7 +142,7 @@ def test_killed_training_resumes_from_the_saved_epoch(bundle):
 
     done = _bundle_run(bundle, ["train.json"], "--max_epochs", "4", "--val_interval", "10", "--resume", "True", *SMALL)
     log = done.stdout + done.stderr
-    assert f"resumed from" in log
+    assert "resumed from" in log
     epochs = sorted({int(line.split("Epoch: ")[1].split("/")[0]) for line in log.splitlines() if "Epoch: " in line})
     assert epochs[0] == saved["epoch"] + 1 and epochs[-1] == 4, epochs
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 4

@@ -93,15 +93,10 @@ def check_cases(
         images = item["image"] if isinstance(item["image"], list) else [item["image"]]
         spatial, channels = None, 0
         for file in images:
-            try:
-                header_only = not check_values
-                img, data = _load(file) if not header_only else (_header(file), None)
-            except FileNotFoundError:
-                problems.append(f"{file}: file not found")
+            opened = _open(file, check_values, problems)
+            if opened is None:
                 continue
-            except OSError as e:
-                problems.append(f"{file}: {e}")
-                continue
+            img, data = opened
             shape = tuple(img.shape)
             spatial = spatial or shape[:3]
             if shape[:3] != spatial:
@@ -114,14 +109,10 @@ def check_cases(
         label = item.get("label")
         if label is None:
             continue
-        try:
-            lab, data = _load(label) if check_values else (_header(label), None)
-        except FileNotFoundError:
-            problems.append(f"{label}: file not found")
+        opened = _open(label, check_values, problems)
+        if opened is None:
             continue
-        except OSError as e:
-            problems.append(f"{label}: {e}")
-            continue
+        lab, data = opened
         if spatial is not None and tuple(lab.shape[:3]) != spatial:
             problems.append(f"{label}: label shape {tuple(lab.shape[:3])} does not match image shape {spatial}")
         if data is not None and allowed is not None:
@@ -134,6 +125,17 @@ def check_cases(
         raise DataError(f"{len(problems)} problem(s) in the data:\n  " + "\n  ".join(problems))
     logger.info(f"checked {len(items)} case(s): channels, shapes{', intensities and labels' if check_values else ''} ok.")
     return list(items)
+
+
+def _open(path: str, check_values: bool, problems: list[str]):
+    """``(nibabel image, voxels or None)``, or None after noting why ``path`` cannot be opened."""
+    try:
+        return _load(path) if check_values else (_header(path), None)
+    except FileNotFoundError:
+        problems.append(f"{path}: file not found")
+    except OSError as e:
+        problems.append(f"{path}: {e}")
+    return None
 
 
 def _header(path: str):
