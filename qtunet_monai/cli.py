@@ -16,6 +16,7 @@ import sys
 
 import fire
 
+from .benchmark import bench
 from .complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_flops, count_parameters
 from .networks import QTUNet, build_architecture
 
@@ -95,15 +96,6 @@ def table(variants: str | list = "tiny,small,base", flops: bool = True, json_fil
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)
 
-
-def bench(**kwargs) -> None:
-    """Benchmark QT-UNet against MONAI's networks (see ``qtunet_monai.benchmark.bench``)."""
-    from .benchmark import bench as run
-
-    run(**kwargs)
-
-
-bench.__doc__ = __import__("qtunet_monai.benchmark", fromlist=["bench"]).bench.__doc__
 
 def prepare_demo(output_dir: str = "bundles/qtunet_demo_brain_tissue_segmentation/data", num_train: int = 12,
                  num_val: int = 3, spacing: float = 2.0, seed: int = 0) -> None:
