@@ -159,7 +159,7 @@ def load_pretrained(network, path: str, prefix: str = "", exclude: tuple[str, ..
                 break
     target = _unwrap(network)
     own = target.state_dict()
-    wanted = {k: v for k, v in own.items() if k.startswith(prefix) and not k.startswith(tuple(exclude) or ("\0",))}
+    wanted = {k: v for k, v in own.items() if k.startswith(prefix) and not k.startswith(tuple(exclude))}
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
                   for k, v in wanted.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if mismatched and strict_shapes:
