@@ -7,6 +7,8 @@ Commands:
     bench  speed and memory against MONAI's SwinUNETR, UNETR, SegResNet and UNet.
     prepare_demo  write the demo data set (needs the demo extra: nilearn).
     demo_report   Dice per class and a PNG figure of the demo bundle's test prediction.
+    fake_msd      a tiny fake data set in an MSD task's official layout.
+    prepare_msd   an MSD task folder -> bundle data list with MONAI's Decathlon splits.
 """
 
 from __future__ import annotations
@@ -138,7 +140,38 @@ def demo_report(bundle_dir: str = "bundles/qtunet_demo_brain_tissue_segmentation
     (root / "eval" / "demo_report.json").write_text(json.dumps(scores, indent=1))
 
 
-COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report}
+def fake_msd(task: str, root: str, num_training: int = 5, num_test: int = 1, seed: int = 0) -> None:
+    """Write a tiny fake data set in the official layout of an MSD task (Task01 ... Task10).
+
+    Args:
+        task: brain, heart, liver, hippocampus, prostate, lung, pancreas, hepaticvessel, spleen or colon.
+        root: folder in which the TaskNN_Name folder is created.
+        num_training: labelled cases.
+        num_test: unlabelled test cases.
+        seed: random seed.
+    """
+    from .data.msd import write_fake_msd
+
+    print(f"fake data written: {write_fake_msd(root, task, num_training, num_test, seed=seed)}")
+
+
+def prepare_msd(task: str, root: str, output_file: str, val_frac: float = 0.2, seed: int = 0) -> None:
+    """Turn a downloaded MSD task folder into a bundle data list with MONAI's Decathlon splits.
+
+    Args:
+        task: brain, heart, liver, hippocampus, prostate, lung, pancreas, hepaticvessel, spleen or colon.
+        root: the folder holding TaskNN_Name (as DecathlonDataset's root_dir).
+        output_file: the data list JSON to write (training, validation, testing).
+        val_frac: validation fraction (MONAI's default).
+        seed: split seed (MONAI's default).
+    """
+    from .data.msd import msd_datalist
+
+    print(f"data list written: {msd_datalist(root, task, output_file, val_frac, seed)}")
+
+
+COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report,
+            "fake_msd": fake_msd, "prepare_msd": prepare_msd}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,4 +183,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "main"]
+__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_msd", "prepare_msd", "main"]

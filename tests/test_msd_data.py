@@ -1,0 +1,66 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""MSD layout: fake data per task, and data lists with MONAI's Decathlon splits."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.apps import DecathlonDataset
+
+from qtunet_monai.bundle import check_cases
+from qtunet_monai.data.msd import MSD_TASKS, msd_datalist, write_fake_msd
+
+
+@pytest.mark.parametrize("key", list(MSD_TASKS))
+def test_fake_task_has_the_official_layout_and_checks_clean(tmp_path, key):
+    task = MSD_TASKS[key]
+    folder = write_fake_msd(tmp_path, key, num_training=5, num_test=1, shape=(20, 18, 12))
+    assert folder.name == task.folder
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["modality"] == {str(i): m for i, m in enumerate(task.modality)}
+    assert dataset["numTraining"] == 5 and len(dataset["test"]) == 1
+    first = folder / dataset["training"][0]["image"]
+    assert first.name == f"{task.prefix}_001.nii.gz"
+    image = nib.load(first)
+    assert image.shape == ((20, 18, 12, task.in_channels) if task.in_channels > 1 else (20, 18, 12))
+    if task.ct:
+        assert np.asarray(image.dataobj).min() < -900  # Hounsfield units: air around the body
+
+    datalist_file = msd_datalist(tmp_path, key, tmp_path / "datalist.json")
+    datalist = json.loads(datalist_file.read_text())
+    assert [len(datalist[k]) for k in ("training", "validation", "testing")] == [4, 1, 1]
+    check_cases(datalist["training"] + datalist["validation"], task.in_channels, task.num_classes)
+    labels = np.asarray(nib.load(datalist["training"][0]["label"]).dataobj)
+    assert set(np.unique(labels)) == set(range(task.num_classes))
+
+
+def test_splits_are_monai_decathlon_splits(tmp_path):
+    write_fake_msd(tmp_path, "spleen", num_training=10, num_test=0, shape=(8, 8, 8))
+    datalist = json.loads(msd_datalist(tmp_path, "spleen", tmp_path / "d.json", seed=3).read_text())
+    monai_val = DecathlonDataset(tmp_path, "Task09_Spleen", "validation", transform=lambda x: x, seed=3,
+                                 cache_rate=0.0, progress=False).data
+    assert [d["image"] for d in datalist["validation"]] == [d["image"] for d in monai_val]
+    assert len(datalist["validation"]) == 2
+    assert not {d["image"] for d in datalist["training"]} & {d["image"] for d in datalist["validation"]}
+
+
+def test_missing_download_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Task03_Liver/dataset.json not found: download Task03_Liver.tar"):
+        msd_datalist(tmp_path, "liver", tmp_path / "d.json")
+    with pytest.raises(ValueError, match="unknown MSD task 'kidney'"):
+        write_fake_msd(tmp_path, "kidney")
+
+
+def test_cli_writes_fake_data_and_the_data_list(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "qtunet_monai", "fake_msd", "--task", "prostate", "--root", str(tmp_path),
+                    "--num_training", "5"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "qtunet_monai", "prepare_msd", "--task", "prostate", "--root",
+                    str(tmp_path), "--output_file", str(tmp_path / "datalist.json")], check=True, capture_output=True)
+    datalist = json.loads((tmp_path / "datalist.json").read_text())
+    check_cases(datalist["training"], in_channels=2, num_classes=3)
