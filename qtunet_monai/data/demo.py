@@ -20,6 +20,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Spacing
 
 __all__ = ["LABELS", "template_files", "reference_volume", "prepare_demo"]
 
@@ -53,8 +56,6 @@ def reference_volume(spacing: float = 2.0, margin: int = 4) -> tuple[np.ndarray,
     Returns:
         ``(image, label, affine)``: image ``(X, Y, Z)`` float32, label ``(X, Y, Z)`` uint8, 4x4 affine.
     """
-    from monai.transforms import Spacing
-
     files = template_files()
     loaded = {k: nib.load(str(p)) for k, p in files.items()}
     t1 = np.asarray(loaded["t1"].dataobj, dtype=np.float32)
@@ -64,8 +65,9 @@ def reference_volume(spacing: float = 2.0, margin: int = 4) -> tuple[np.ndarray,
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
     label = np.where(brain, np.argmax(np.stack([csf, gm, wm]), axis=0) + 1, 0).astype(np.uint8)
 
-    lo = np.maximum(np.argwhere(brain).min(0) - margin, 0)
-    hi = np.minimum(np.argwhere(brain).max(0) + margin + 1, brain.shape)
+    voxels = np.argwhere(brain)
+    lo = np.maximum(voxels.min(0) - margin, 0)
+    hi = np.minimum(voxels.max(0) + margin + 1, brain.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     affine = loaded["t1"].affine.copy()
     affine[:3, 3] += affine[:3, :3] @ lo
@@ -74,9 +76,6 @@ def reference_volume(spacing: float = 2.0, margin: int = 4) -> tuple[np.ndarray,
 
     resample_image = Spacing(pixdim=(spacing,) * 3, mode="bilinear")
     resample_label = Spacing(pixdim=(spacing,) * 3, mode="nearest")
-    from monai.data import MetaTensor
-    import torch
-
     image_t = resample_image(MetaTensor(torch.from_numpy(image)[None], affine=torch.from_numpy(affine)))
     label_t = resample_label(MetaTensor(torch.from_numpy(label.astype(np.float32))[None], affine=torch.from_numpy(affine)))
     label_out = label_t[0].numpy().round().astype(np.uint8)
@@ -129,8 +128,6 @@ def prepare_demo(output_dir: str | Path, num_train: int = 12, num_val: int = 3, 
         spacing: voxel size in mm.
         seed: random seed of the deformations.
     """
-    import torch
-
     if num_train < 1 or num_val < 1:
         raise ValueError(f"need at least one training and one validation case, got {num_train} and {num_val}.")
     out = Path(output_dir)
@@ -172,7 +169,6 @@ def prepare_demo(output_dir: str | Path, num_train: int = 12, num_val: int = 3, 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: dict[str, str] = LABELS) -> dict[str, float]:
     """Dice of each foreground class between two label maps (NaN where a class is in neither)."""
     from monai.metrics import compute_dice
-    import torch
 
     num_classes = len(labels)
     onehot = [torch.nn.functional.one_hot(torch.as_tensor(a, dtype=torch.long), num_classes).movedim(-1, 0)[None]
