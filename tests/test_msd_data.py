@@ -58,9 +58,9 @@ def test_cli_writes_fake_data_and_the_data_list(tmp_path):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "qtunet_monai", "fake_msd", "--task", "prostate", "--root", str(tmp_path),
-                    "--num_training", "5"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "qtunet_monai", "prepare_msd", "--task", "prostate", "--root",
-                    str(tmp_path), "--output_file", str(tmp_path / "datalist.json")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "qtunet_monai", "fake_data", "msd_prostate", str(tmp_path)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "qtunet_monai", "prepare_data", "msd_prostate", str(tmp_path),
+                    "--output_file", str(tmp_path / "datalist.json")], check=True, capture_output=True)
     datalist = json.loads((tmp_path / "datalist.json").read_text())
     check_cases(datalist["training"], in_channels=2, num_classes=3)

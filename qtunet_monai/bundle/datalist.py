@@ -54,15 +54,28 @@ def load_datalist(datalist_file: str, key: str, base_dir: str | None = None) -> 
     return [{k: resolve(v) if k in ("image", "label") else v for k, v in item.items()} for item in items]
 
 
-def _load(path: str):
-    import nibabel as nib
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
+
+def _load(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(shape, voxels)``; 2D image files (PNG, ...) through Pillow, everything else through nibabel.
+
+    A 2D file's shape is ``(height, width[, channels])``, a NIfTI's ``(x, y, z[, channels])``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
     try:
+        if path.lower().endswith(_IMAGE_SUFFIXES):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                data = np.asarray(image)
+            return data.shape, data
+        import nibabel as nib
+
         image = nib.load(path)
-        return image, np.asanyarray(image.dataobj)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # nibabel raises several types for bad files
+        return tuple(image.shape), np.asanyarray(image.dataobj)
+    except Exception as e:  # nibabel and Pillow raise several types for bad files
         raise OSError(f"unreadable ({type(e).__name__}: {e})") from e
 
 
@@ -72,6 +85,7 @@ def check_cases(
     num_classes: int | None = None,
     label_values: Sequence[int] | None = None,
     check_values: bool = True,
+    spatial_dims: int = 3,
 ) -> list[dict]:
     """Check every case of a data list before training; returns ``items`` unchanged when all is well.
 
@@ -81,6 +95,7 @@ def check_cases(
         num_classes: labels must lie in ``[0, num_classes)``; ignored when ``label_values`` is given.
         label_values: the exact label values allowed (e.g. BraTS' 0, 1, 2, 4).
         check_values: also read the voxels (NaN/inf intensities, label values); headers only if False.
+        spatial_dims: 3 for volumes (NIfTI), 2 for images (PNG; an RGB image has 3 channels).
 
     Raises:
         DataError: listing each bad file and its problem.
@@ -96,12 +111,13 @@ def check_cases(
             opened = _open(file, check_values, problems)
             if opened is None:
                 continue
-            img, data = opened
-            shape = tuple(img.shape)
-            spatial = spatial or shape[:3]
-            if shape[:3] != spatial:
-                problems.append(f"{file}: spatial shape {shape[:3]} differs from the case's other channels {spatial}")
-            channels += shape[3] if len(shape) > 3 else 1
+            shape, data = opened
+            spatial = spatial or shape[:spatial_dims]
+            if shape[:spatial_dims] != spatial:
+                problems.append(
+                    f"{file}: spatial shape {shape[:spatial_dims]} differs from the case's other channels {spatial}"
+                )
+            channels += shape[spatial_dims] if len(shape) > spatial_dims else 1
             if data is not None and not np.isfinite(data).all():
                 problems.append(f"{file}: image contains NaN or infinite intensities")
         if channels and channels != in_channels:
@@ -112,9 +128,11 @@ def check_cases(
         opened = _open(label, check_values, problems)
         if opened is None:
             continue
-        lab, data = opened
-        if spatial is not None and tuple(lab.shape[:3]) != spatial:
-            problems.append(f"{label}: label shape {tuple(lab.shape[:3])} does not match image shape {spatial}")
+        shape, data = opened
+        if spatial is not None and shape[:spatial_dims] != spatial:
+            problems.append(f"{label}: label shape {shape[:spatial_dims]} does not match image shape {spatial}")
+        elif len(shape) > spatial_dims and shape[spatial_dims] != 1:
+            problems.append(f"{label}: label has {shape[spatial_dims]} channels; expected one label map")
         if data is not None and allowed is not None:
             values = set(np.unique(data).tolist())
             if not values <= allowed:
@@ -128,9 +146,9 @@ def check_cases(
 
 
 def _open(path: str, check_values: bool, problems: list[str]):
-    """``(nibabel image, voxels or None)``, or None after noting why ``path`` cannot be opened."""
+    """``(shape, voxels or None)``, or None after noting why ``path`` cannot be opened."""
     try:
-        return _load(path) if check_values else (_header(path), None)
+        return _load(path) if check_values else _header(path)
     except FileNotFoundError:
         problems.append(f"{path}: file not found")
     except OSError as e:
@@ -138,12 +156,19 @@ def _open(path: str, check_values: bool, problems: list[str]):
     return None
 
 
-def _header(path: str):
-    import nibabel as nib
-
+def _header(path: str) -> tuple[tuple[int, ...], None]:
+    """``(shape, None)`` read from the file's header only."""
     if not Path(path).is_file():
         raise FileNotFoundError(path)
     try:
-        return nib.load(path)
+        if path.lower().endswith(_IMAGE_SUFFIXES):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                bands = len(image.getbands())
+                return (image.height, image.width) + ((bands,) if bands > 1 else ()), None
+        import nibabel as nib
+
+        return tuple(nib.load(path).shape), None
     except Exception as e:
         raise OSError(f"unreadable ({type(e).__name__}: {e})") from e

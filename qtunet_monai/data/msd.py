@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["MSDTask", "MSD_TASKS", "write_fake_msd", "msd_datalist"]
+__all__ = ["MSDTask", "MSD_TASKS", "blob_label", "write_fake_msd", "msd_datalist"]
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,22 @@ def _task(key: str) -> MSDTask:
     return MSD_TASKS[key]
 
 
-def _fake_case(task: MSDTask, shape: tuple[int, int, int], rng: np.random.Generator):
-    """An image with the task's channels and value ranges, and nested blobs carrying every label."""
+def blob_label(shape: tuple[int, ...], num_labels: int, rng: np.random.Generator) -> np.ndarray:
+    """A label map of nested blobs: value 1 the largest, each next value a smaller blob inside it."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
     label = np.zeros(shape, np.uint8)
-    centre = np.array(shape) / 2 + rng.uniform(-0.1, 0.1, 3) * np.array(shape)
+    centre = np.array(shape) / 2 + rng.uniform(-0.1, 0.1, len(shape)) * np.array(shape)
     radius = min(shape) * rng.uniform(0.25, 0.35)
-    for value in range(1, task.num_classes):  # each class a smaller blob inside the previous one
-        r = radius * (1 - 0.3 * (value - 1))
+    for value in range(1, num_labels + 1):
+        r = radius * (1 - 0.8 * (value - 1) / max(num_labels, 1))
         label[np.linalg.norm(grid - centre, axis=-1) < r] = value
+    return label
+
+
+def _fake_case(task: MSDTask, shape: tuple[int, int, int], rng: np.random.Generator):
+    """An image with the task's channels and value ranges, and nested blobs carrying every label."""
+    label = blob_label(shape, task.num_classes - 1, rng)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
     body = np.linalg.norm(grid - np.array(shape) / 2, axis=-1) < min(shape) * 0.48
     channels = []
     for c in range(task.in_channels):
