@@ -7,8 +7,9 @@ Commands:
     bench  speed and memory against MONAI's SwinUNETR, UNETR, SegResNet and UNet.
     prepare_demo  write the demo data set (needs the demo extra: nilearn).
     demo_report   Dice per class and a PNG figure of the demo bundle's test prediction.
-    fake_msd      a tiny fake data set in an MSD task's official layout.
-    prepare_msd   an MSD task folder -> bundle data list with MONAI's Decathlon splits.
+    fake_data     a tiny fake data set in a task's official layout (BraTS, BTCV, MSD, CityScapes).
+    prepare_data  a task's official download -> the bundle's data list.
+    generate_bundles  (re)write bundles/ from qtunet_monai/tasks.py; --check compares.
 """
 
 from __future__ import annotations
@@ -140,38 +141,98 @@ def demo_report(bundle_dir: str = "bundles/qtunet_demo_brain_tissue_segmentation
     (root / "eval" / "demo_report.json").write_text(json.dumps(scores, indent=1))
 
 
-def fake_msd(task: str, root: str, num_training: int = 5, num_test: int = 1, seed: int = 0) -> None:
-    """Write a tiny fake data set in the official layout of an MSD task (Task01 ... Task10).
+def fake_data(task: str, root: str, seed: int = 0) -> None:
+    """Write a tiny fake data set in a task's official download layout (right channels, label values,
+    file names), so its bundle runs end to end anywhere.
 
     Args:
-        task: brain, heart, liver, hippocampus, prostate, lung, pancreas, hepaticvessel, spleen or colon.
-        root: folder in which the TaskNN_Name folder is created.
-        num_training: labelled cases.
-        num_test: unlabelled test cases.
+        task: brats21, btcv, msd_<name> (brain, heart, liver, hippocampus, prostate, lung, pancreas,
+            hepaticvessel, spleen, colon), cityscapes or cityscapescat.
+        root: the folder to write into (then give the same folder to prepare_data).
         seed: random seed.
     """
-    from .data.msd import write_fake_msd
+    from .tasks import get_task
 
-    print(f"fake data written: {write_fake_msd(root, task, num_training, num_test, seed=seed)}")
+    key = get_task(task).data
+    if key == "brats21":
+        from .data.brats import write_fake_brats as write
+
+        folder = write(root, seed=seed)
+    elif key == "btcv":
+        from .data.btcv import write_fake_btcv as write
+
+        folder = write(root, seed=seed)
+    elif key.startswith("msd_"):
+        from .data.msd import write_fake_msd
+
+        folder = write_fake_msd(root, key[4:], seed=seed)
+    elif key in ("cityscapes", "cityscapescat"):
+        from .data.cityscapes import write_fake_cityscapes
+
+        folder = write_fake_cityscapes(root, seed=seed)
+    else:
+        raise ValueError(f"no fake data for {task!r}: the demo has real data (python -m qtunet_monai prepare_demo).")
+    print(f"fake data written: {folder}")
 
 
-def prepare_msd(task: str, root: str, output_file: str, val_frac: float = 0.2, seed: int = 0) -> None:
-    """Turn a downloaded MSD task folder into a bundle data list with MONAI's Decathlon splits.
+def prepare_data(task: str, root: str, output_file: str, seed: int = 0) -> None:
+    """Turn a task's official download into the bundle's data list (training, validation, testing).
 
     Args:
-        task: brain, heart, liver, hippocampus, prostate, lung, pancreas, hepaticvessel, spleen or colon.
-        root: the folder holding TaskNN_Name (as DecathlonDataset's root_dir).
-        output_file: the data list JSON to write (training, validation, testing).
-        val_frac: validation fraction (MONAI's default).
-        seed: split seed (MONAI's default).
+        task: brats21 (case folders, 834/208/209 split), btcv (RawData, 35/5), msd_<name> (dataset.json,
+            MONAI's Decathlon splits), cityscapes or cityscapescat (leftImg8bit + gtFine; train/val/test).
+        root: where the download was extracted.
+        output_file: the data list JSON to write, e.g. the bundle's data/datalist.json.
+        seed: split seed (BraTS, MSD).
     """
-    from .data.msd import msd_datalist
+    from .tasks import get_task
 
-    print(f"data list written: {msd_datalist(root, task, output_file, val_frac, seed)}")
+    key = get_task(task).data
+    if key == "brats21":
+        from .data.brats import brats_datalist
+
+        out = brats_datalist(root, output_file, seed)
+    elif key == "btcv":
+        from .data.btcv import btcv_datalist
+
+        out = btcv_datalist(root, output_file)
+    elif key.startswith("msd_"):
+        from .data.msd import msd_datalist
+
+        out = msd_datalist(root, key[4:], output_file, seed=seed)
+    elif key in ("cityscapes", "cityscapescat"):
+        from .data.cityscapes import cityscapes_datalist
+
+        out = cityscapes_datalist(root, output_file)
+    else:
+        raise ValueError(f"{task!r}: the demo writes its own data list (python -m qtunet_monai prepare_demo).")
+    counts = {k: len(v) for k, v in json.loads(open(out).read()).items()}
+    print(f"data list written: {out} {counts}")
+
+
+def generate_bundles(check: bool = False, root: str | None = None) -> None:
+    """(Re)write the bundles' configs and docs from qtunet_monai/tasks.py, or with --check only list
+    the files that differ (exit status 1 if any).
+
+    Args:
+        check: compare instead of writing.
+        root: the bundles folder (default: the repository's bundles/).
+    """
+    from .bundle.generate import REPO, check_bundles, write_bundles
+
+    folder = root or str(REPO / "bundles")
+    if check:
+        stale = check_bundles(folder)
+        if stale:
+            print("out of date (run python -m qtunet_monai generate_bundles):\n  " + "\n  ".join(stale))
+            sys.exit(1)
+        print("all bundles match qtunet_monai/tasks.py")
+        return
+    print(f"{len(write_bundles(folder))} files written under {folder}")
 
 
 COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report,
-            "fake_msd": fake_msd, "prepare_msd": prepare_msd}
+            "fake_data": fake_data, "prepare_data": prepare_data, "generate_bundles": generate_bundles}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,4 +244,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_msd", "prepare_msd", "main"]
+__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "generate_bundles",
+           "main"]

@@ -23,8 +23,6 @@ pytest.importorskip("nilearn")
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-# A narrower network keeps the CPU runs short; every command of a test gets the same override.
-SMALL = ["--network_def#feature_size", "12"]
 
 
 def _run(args, cwd, timeout=900, check=True, extra_env=None):
@@ -90,19 +88,19 @@ def test_monai_bundle_checks(bundle):
 
 
 def test_train_evaluate_infer_end_to_end(bundle, demo_data):
-    _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1", *SMALL)
+    _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1")
     model = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert "classifier.weight" in model  # a plain state dict, as MONAI's tools expect
     resume = torch.load(bundle / "models" / "resume.pt", weights_only=True)
     assert resume["epoch"] == 2 and {"model", "optimizer", "lr_scheduler"} <= set(resume)
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 
-    _bundle_run(bundle, ["train.json", "evaluate.json"], *SMALL)
+    _bundle_run(bundle, ["train.json", "evaluate.json"])
     summary = (bundle / "eval" / "val_mean_dice_raw.csv").read_text()
     assert "brain_template" in summary
 
     (bundle / "eval" / "brain_template_seg.nii.gz").unlink()
-    _bundle_run(bundle, ["inference.json"], *SMALL)
+    _bundle_run(bundle, ["inference.json"])
     prediction = nib.load(bundle / "eval" / "brain_template_seg.nii.gz")
     source = nib.load(demo_data / "imagesTs" / "brain_template.nii.gz")
     assert prediction.shape == source.shape
@@ -121,7 +119,7 @@ def test_train_evaluate_infer_end_to_end(bundle, demo_data):
 def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-          "--max_epochs", "1", "--val_interval", "1", *SMALL], bundle)
+          "--max_epochs", "1", "--val_interval", "1"], bundle)
     assert torch.load(bundle / "models" / "resume.pt", weights_only=True)["epoch"] == 1
     assert (bundle / "models" / "model.pt").is_file()
 
@@ -129,7 +127,7 @@ def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
 def test_killed_training_resumes_from_the_saved_epoch(bundle):
     files = "['configs/train.json']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--max_epochs", "4",
-           "--val_interval", "10", *SMALL]
+           "--val_interval", "10"]
     proc = subprocess.Popen(cmd, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = bundle / "models" / "resume.pt"
     deadline = time.time() + 600
@@ -140,7 +138,7 @@ def test_killed_training_resumes_from_the_saved_epoch(bundle):
     saved = torch.load(checkpoint, weights_only=True)
     assert 1 <= saved["epoch"] < 4, "the run finished before it could be killed"
 
-    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "4", "--val_interval", "10", "--resume", "True", *SMALL)
+    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "4", "--val_interval", "10", "--resume", "True")
     log = done.stdout + done.stderr
     assert "resumed from" in log
     epochs = sorted({int(line.split("Epoch: ")[1].split("/")[0]) for line in log.splitlines() if "Epoch: " in line})
@@ -188,7 +186,7 @@ def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, messa
         nib.save(nib.Nifti1Image(label, image.affine), label_path)
     elif damage == "not_nifti":
         image_path.write_bytes(b"this is not an image")
-    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "1", *SMALL, check=False)
+    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "1", check=False)
     assert done.returncode != 0
     log = done.stdout + done.stderr
     assert message in log, log[-3000:]

@@ -1,8 +1,10 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""What the bundles need beyond MONAI: checked data lists and checkpoints that survive a killed run."""
+"""What the bundles need beyond MONAI: checked data lists, checkpoints that survive a killed run, region
+and void-class transforms, and the generator that writes the bundles from :mod:`qtunet_monai.tasks`."""
 
 from .checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, load_pretrained
 from .datalist import DataError, check_cases, load_datalist
+from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
     "BestModelSaver",
@@ -12,4 +14,8 @@ __all__ = [
     "DataError",
     "check_cases",
     "load_datalist",
+    "LabelsToRegionsd",
+    "RegionsToLabelsd",
+    "MaskVoidd",
+    "VoidMaskedDiceLoss",
 ]

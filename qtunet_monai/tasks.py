@@ -1,0 +1,354 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Every task of the thesis in one place: the single source of truth the bundles are generated from.
+
+A :class:`Task` holds what differs between the bundles (channels, classes, the SPEC.md section 3
+pipeline, the recipe of section 2, the data set's facts and the thesis' result); everything the
+bundles share is written once in :mod:`qtunet_monai.bundle.generate`. Change a task here, then run
+``python -m qtunet_monai generate_bundles`` and commit the regenerated ``bundles/`` folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .data.brats import BRATS_LABEL_VALUES, BRATS_REGIONS
+from .data.btcv import BTCV_ORGANS
+from .data.cityscapes import CATEGORY_MAP, CATEGORY_NAMES, CLASS_MAP, CLASS_NAMES
+from .data.msd import MSD_TASKS
+
+__all__ = ["Task", "TASKS", "get_task"]
+
+THESIS = "QT-UNet: Querying Transformer UNet, master's thesis, Norwegian University of Science and Technology (NTNU)"
+MSD_REFERENCE = "Antonelli M. et al. The Medical Segmentation Decathlon. Nature Communications 13, 4128 (2022)"
+SWIN_UNETR = ("Tang Y. et al. Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis. "
+              "CVPR 2022")
+
+
+# Random transforms as MONAI config dicts; "image" and "label" are the bundles' keys.
+def flips(prob: float, dims: int = 3) -> list[dict]:
+    return [{"_target_": "RandFlipd", "keys": ["image", "label"], "prob": prob, "spatial_axis": a} for a in range(dims)]
+
+
+def rot90(prob: float) -> list[dict]:
+    return [{"_target_": "RandRotate90d", "keys": ["image", "label"], "prob": prob, "max_k": 3}]
+
+
+def scale(prob: float, factors: float = 0.1) -> list[dict]:
+    return [{"_target_": "RandScaleIntensityd", "keys": "image", "factors": factors, "prob": prob}]
+
+
+def shift(prob: float, offsets: float = 0.1) -> list[dict]:
+    return [{"_target_": "RandShiftIntensityd", "keys": "image", "offsets": offsets, "prob": prob}]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One bundle's settings.
+
+    Args:
+        bundle: the folder under ``bundles/``.
+        title: the bundle's ``name`` in metadata.json.
+        description: what is segmented (metadata ``task``).
+        data: the key of ``python -m qtunet_monai fake_data / prepare_data``.
+        spatial_dims: 3 (NIfTI volumes) or 2 (PNG images).
+        modality: ``MR``, ``CT`` or ``RGB``.
+        channels: input channel names.
+        classes: output channel names (index = channel).
+        label_values: the values allowed in the label files.
+        intensity: ``("nonzero",)`` channel-wise normalisation of non-zero voxels (MRI),
+            ``("ct", a_min, a_max)`` clip Hounsfield units and scale to 0..1, ``("rgb", mean, std)``.
+        roi_size: training crop and sliding-window size.
+        pixdim: resampled voxel size in mm, or None to keep the data's.
+        crop_foreground: crop to the image's foreground.
+        crop: ``("spatial",)`` random crops or ``("posneg", pos, neg)`` label-balanced crops.
+        augment: the task's random transforms after cropping.
+        regions: overlapping target regions as sets of label values (sigmoid outputs), or None (softmax).
+        label_map: label file value -> class (CityScapes' ids), or None.
+        void: class 0 is void, ignored in the loss and the metrics.
+        architecture / variant: the network (``qtunet_monai.networks.build_architecture``).
+        hd95: also report the 95th-percentile Hausdorff distance (mm at 1 mm spacing).
+        iou: also report mean IoU.
+        eval_split: the data list section evaluate.json scores.
+        thesis_result: Markdown lines with the thesis' result for this task.
+        data_docs: Markdown: how to get the data set.
+    """
+
+    bundle: str
+    title: str
+    description: str
+    data: str
+    spatial_dims: int
+    modality: str
+    channels: tuple[str, ...]
+    classes: tuple[str, ...]
+    label_values: tuple[int, ...]
+    intensity: tuple
+    roi_size: tuple[int, ...]
+    pixdim: tuple[float, ...] | None
+    crop_foreground: bool
+    crop: tuple
+    augment: tuple[dict, ...] = ()
+    regions: tuple[tuple[int, ...], ...] | None = None
+    label_map: tuple[int, ...] | None = None
+    void: bool = False
+    architecture: str = "QT-UNet"
+    variant: str = "tiny"
+    batch_size: int = 1
+    num_samples: int = 1
+    max_epochs: int = 350
+    val_interval: int = 10
+    learning_rate: float = 4e-5
+    weight_decay: float = 0.0
+    drop_path_rate: float = 0.2
+    cache_rate: float = 1.0
+    num_workers: int = 4
+    hd95: bool = False
+    iou: bool = False
+    eval_split: str = "validation"
+    data_source: str = ""
+    references: tuple[str, ...] = (THESIS,)
+    thesis_result: str = ""
+    data_docs: str = ""
+    generated_docs: bool = True
+    version: str = "0.1.0"
+    changelog: str = "first release"
+    eval_metrics: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.regions is not None
+
+
+def _msd(key: str, number: int, intensity: tuple, pixdim, crop_foreground: bool, crop: tuple, augment: list,
+         regions=None, hd95: bool = False, scores: tuple = (), cache_rate: float = 1.0) -> Task:
+    """An MSD task's bundle from the facts in :data:`qtunet_monai.data.msd.MSD_TASKS`."""
+    msd = MSD_TASKS[key]
+    classes = ("tumour core", "whole tumour", "enhancing tumour") if regions else msd.labels
+    return Task(
+        bundle=f"qtunet_msd_{key}_segmentation",
+        title=f"QT-UNet: MSD Task{number:02d} {msd.name}",
+        description=f"Medical Segmentation Decathlon {msd.folder}: " + ", ".join(msd.labels[1:]),
+        data=f"msd_{key}",
+        spatial_dims=3,
+        modality="CT" if msd.ct else "MR",
+        channels=msd.modality,
+        classes=classes,
+        label_values=tuple(range(msd.num_classes)),
+        intensity=intensity,
+        roi_size=(96, 96, 96),
+        pixdim=pixdim,
+        crop_foreground=crop_foreground,
+        crop=crop,
+        augment=tuple(augment),
+        regions=regions,
+        hd95=hd95,
+        cache_rate=cache_rate,
+        data_source=f"Medical Segmentation Decathlon {msd.folder} (http://medicaldecathlon.com), CC-BY-SA 4.0",
+        references=(THESIS, MSD_REFERENCE, SWIN_UNETR),
+        thesis_result=(
+            f"Thesis Table 4.4, MSD Task {number}, mean Dice on MONAI's Decathlon validation fold: "
+            f"QT-UNet-T/S/B from scratch {scores[0]} / {scores[1]} / {scores[2]}; "
+            f"pre-trained {scores[3]} / {scores[4]} / {scores[5]}."
+        ),
+        data_docs=(
+            f"Download `{msd.folder}.tar` from the Medical Segmentation Decathlon (http://medicaldecathlon.com or "
+            f"`monai.apps.DecathlonDataset(..., download=True)`) and extract it into a folder `MSD`, so that "
+            f"`MSD/{msd.folder}/dataset.json` exists."
+        ),
+    )
+
+
+_MSD_BRAIN_REGIONS = ((2, 3), (1, 2, 3), (3,))  # dataset.json: 1 edema, 2 non-enhancing, 3 enhancing tumour
+
+TASKS: dict[str, Task] = {}
+for _task in [
+    Task(
+        bundle="qtunet_brats21_segmentation",
+        title="QT-UNet: BraTS 2021 brain tumour segmentation",
+        description="Brain tumour sub-region segmentation (tumour core, whole tumour, enhancing tumour) of multi-parametric MRI",
+        data="brats21",
+        spatial_dims=3,
+        modality="MR",
+        channels=("T1", "T1Gd", "T2", "FLAIR"),
+        classes=("tumour core", "whole tumour", "enhancing tumour"),
+        label_values=BRATS_LABEL_VALUES,
+        intensity=("nonzero",),
+        roi_size=(128, 128, 128),
+        pixdim=(1.0, 1.0, 1.0),
+        crop_foreground=True,
+        crop=("spatial",),
+        regions=BRATS_REGIONS,
+        hd95=True,
+        cache_rate=0.0,
+        eval_split="testing",
+        data_source="RSNA-ASNR-MICCAI Brain Tumor Segmentation (BraTS) Challenge 2021, task 1 training data (1,251 cases)",
+        references=(THESIS, "Baid U. et al. The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
+                    "Radiogenomic Classification. arXiv:2107.02314",
+                    "Peiris H. et al. A Robust Volumetric Transformer for Accurate 3D Tumor Segmentation. MICCAI 2022"),
+        thesis_result=(
+            "Thesis Table 4.1 (own 834/208/209 split, test set): mean Dice over ET, TC, WT for QT-UNet-T/S/B from "
+            "scratch 88.15 / 88.56 / 88.69 and HD95 5.79 / 5.39 / 4.92 mm; pre-trained on BraTS 88.03 / 88.50 / "
+            "88.61 and 5.31 / 5.18 / 4.85 mm."
+        ),
+        data_docs=(
+            "Register for the RSNA-ASNR-MICCAI BraTS 2021 challenge (Synapse) and download the task 1 training data "
+            "(`RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021`, 1,251 case folders `BraTS2021_NNNNN` with "
+            "`_t1`, `_t1ce`, `_t2`, `_flair` and `_seg` NIfTI files)."
+        ),
+    ),
+    Task(
+        bundle="qtunet_btcv_segmentation",
+        title="QT-UNet: BTCV multi-organ segmentation",
+        description="Abdominal multi-organ segmentation (13 organs) of portal venous phase CT",
+        data="btcv",
+        spatial_dims=3,
+        modality="CT",
+        channels=("CT",),
+        classes=("background",) + BTCV_ORGANS,
+        label_values=tuple(range(14)),
+        intensity=("ct", -175.0, 250.0),
+        roi_size=(96, 96, 96),
+        pixdim=(1.5, 1.5, 2.0),
+        crop_foreground=True,
+        crop=("posneg", 1, 1),
+        augment=tuple(flips(0.1) + rot90(0.1) + shift(0.5)),
+        data_source="Multi-Atlas Labeling Beyond the Cranial Vault (BTCV) abdomen challenge, RawData (Synapse)",
+        references=(THESIS, "Landman B. et al. MICCAI Multi-Atlas Labeling Beyond the Cranial Vault - Workshop and "
+                    "Challenge, 2015", SWIN_UNETR),
+        thesis_result=(
+            "Thesis Table 4.3 (35 training scans, 5 for validation and testing): mean Dice for QT-UNet-T/S/B from "
+            "scratch 38.51 / 50.33 / 52.58; pre-trained on CT-SSL 53.50 / 50.27 / 54.96."
+        ),
+        data_docs=(
+            "Register on Synapse for \"Multi-Atlas Labeling Beyond the Cranial Vault\" and download `RawData.zip` "
+            "(abdomen); extract it so that `RawData/Training/img` and `RawData/Training/label` exist."
+        ),
+    ),
+    _msd("brain", 1, ("nonzero",), (1.0, 1.0, 1.0), True, ("spatial",), flips(0.5) + scale(0.1) + shift(0.1),
+         regions=_MSD_BRAIN_REGIONS, hd95=True, scores=(77.37, 77.79, 77.81, 77.41, 77.68, 77.86), cache_rate=0.0),
+    _msd("heart", 2, ("nonzero",), (1.0, 1.0, 1.0), True, ("posneg", 2, 1), flips(0.5) + rot90(0.1) + scale(0.2)
+         + shift(0.5), scores=(85.57, 85.81, 86.52, 85.02, 85.40, 86.70)),
+    _msd("liver", 3, ("ct", -21.0, 189.0), (1.0, 1.0, 1.0), True, ("posneg", 1, 1), flips(0.2) + rot90(0.2)
+         + scale(0.1) + shift(0.1), scores=(36.00, 46.09, 39.31, 51.65, 37.14, 38.56), cache_rate=0.0),
+    # 0.2 mm is the thesis' stated spacing for Hippocampus (native ~1 mm): kept, flagged in the docs.
+    _msd("hippocampus", 4, ("nonzero",), (0.2, 0.2, 0.2), True, ("spatial",), flips(0.1) + rot90(0.1) + scale(0.1)
+         + shift(0.1), scores=(85.45, 82.37, 82.92, 85.23, 82.19, 83.77), cache_rate=0.0),
+    _msd("prostate", 5, ("nonzero",), (0.5, 0.5, 0.5), True, ("spatial",), flips(0.5) + scale(0.5) + shift(0.5)
+         + [{"_target_": "RandAffined", "keys": ["image", "label"], "prob": 0.5, "scale_range": [0.3, 0.3, 0.0],
+             "rotate_range": [0.0, 0.0, math.pi], "mode": ["bilinear", "nearest"], "padding_mode": "zeros"}],
+         scores=(30.62, 30.90, 32.26, 27.79, 31.07, 34.08)),
+    _msd("lung", 6, ("ct", -1000.0, 1000.0), (1.0, 1.0, 1.0), False, ("posneg", 2, 1), flips(0.5) + rot90(0.3)
+         + scale(0.1) + shift(0.1), scores=(26.02, 19.55, 23.21, 27.23, 19.91, 23.85), cache_rate=0.0),
+    _msd("pancreas", 7, ("ct", -87.0, 199.0), None, False, ("posneg", 1, 1), flips(0.5) + rot90(0.25) + scale(0.5),
+         scores=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0), cache_rate=0.0),
+    _msd("hepaticvessel", 8, ("ct", 0.0, 230.0), None, False, ("posneg", 1, 1), flips(0.5) + rot90(0.25)
+         + scale(0.5), scores=(42.41, 37.07, 33.77, 45.01, 36.98, 38.01), cache_rate=0.0),
+    _msd("spleen", 9, ("ct", -125.0, 275.0), (1.0, 1.0, 1.0), False, ("posneg", 1, 1), flips(0.15) + scale(0.1)
+         + shift(0.1), scores=(49.30, 51.94, 48.10, 49.86, 53.31, 56.45)),
+    _msd("colon", 10, ("ct", -57.0, 175.0), None, False, ("posneg", 1, 1), flips(0.5) + rot90(0.25) + scale(0.5),
+         scores=(14.11, 13.02, 15.76, 14.04, 13.52, 12.87), cache_rate=0.0),
+    *[
+        Task(
+            bundle=f"qtunet2d_{key}_segmentation",
+            title=f"QT-UNet-2D: {name} semantic segmentation",
+            description=f"Urban street scene semantic segmentation ({len(classes) - 1} {unit}, void ignored)",
+            data=key,
+            spatial_dims=2,
+            modality="RGB",
+            channels=("R", "G", "B"),
+            classes=classes,
+            label_values=tuple(range(34)),
+            label_map=mapping,
+            void=True,
+            intensity=("rgb",),
+            roi_size=(1024, 1024),
+            pixdim=None,
+            crop_foreground=False,
+            crop=("spatial",),
+            architecture="QT-UNet-2D",
+            batch_size=4,
+            max_epochs=150,
+            val_interval=5,
+            weight_decay=0.001,
+            cache_rate=0.0,
+            iou=True,
+            data_source="Cityscapes fine annotations (leftImg8bit, gtFine), https://www.cityscapes-dataset.com",
+            references=(THESIS, "Cordts M. et al. The Cityscapes Dataset for Semantic Urban Scene Understanding. "
+                        "CVPR 2016"),
+            thesis_result=result,
+            data_docs=(
+                "Register at https://www.cityscapes-dataset.com and download `leftImg8bit_trainvaltest.zip` and "
+                "`gtFine_trainvaltest.zip`; extract both into one folder `cityscapes` (it then holds "
+                "`leftImg8bit/` and `gtFine/`)."
+            ),
+        )
+        for key, name, classes, mapping, unit, result in [
+            ("cityscapes", "CityScapes", CLASS_NAMES, CLASS_MAP, "classes",
+             "Thesis Table 4.6 (val): mean Dice / mean IoU for QT-UNet-2D-T/S/B from scratch 39.12 / 20.74, "
+             "39.35 / 21.04, 39.50 / 21.15; pre-trained on CityScapes coarse 41.53 / 25.86, 41.97 / 25.97, "
+             "39.03 / 21.00 (the thesis trained and scored the void class, this bundle ignores it)."),
+            ("cityscapescat", "CityScapesCat", CATEGORY_NAMES, CATEGORY_MAP, "categories",
+             "Thesis Table 4.7 (val): mean Dice / mean IoU for QT-UNet-2D-T/S/B from scratch 55.46 / 50.91, "
+             "56.40 / 51.17, 57.45 / 52.45; pre-trained 63.23 / 60.37, 64.21 / 61.55, 58.45 / 54.26."),
+        ]
+    ],
+    Task(
+        bundle="qtunet_demo_brain_tissue_segmentation",
+        title="QT-UNet demo: brain tissue segmentation",
+        description="Brain tissue segmentation (CSF, grey matter, white matter) of T1-weighted MRI",
+        data="demo",
+        spatial_dims=3,
+        modality="MR",
+        channels=("T1",),
+        classes=("background", "CSF", "grey matter", "white matter"),
+        label_values=(0, 1, 2, 3),
+        intensity=("nonzero",),
+        # 56 = 14 tokens per axis after the 4x patch embedding, a multiple of the 7-token window
+        roi_size=(56, 56, 56),
+        pixdim=(2.0, 2.0, 2.0),
+        crop_foreground=False,
+        crop=("posneg", 1, 1),
+        augment=tuple(flips(0.5, dims=1) + scale(0.5) + shift(0.5)),
+        num_samples=2,
+        max_epochs=30,
+        val_interval=5,
+        learning_rate=1e-3,  # the demo trains for minutes, not 350 epochs
+        num_workers=0,
+        eval_split="testing",
+        generated_docs=False,
+        changelog="first release: QT-UNet-T demo on the MNI ICBM152 template shipped with nilearn",
+        eval_metrics={"mean_dice": 0.799},
+        data_source=(
+            "MNI ICBM152 2009c nonlinear symmetric template (T1, grey- and white-matter probability maps) inside the "
+            "nilearn wheel (nilearn/datasets/data); cases made by random affine and elastic deformation "
+            "(python -m qtunet_monai prepare_demo)"
+        ),
+        references=(
+            THESIS,
+            "Peiris H., Hayat M., Chen Z., Egan G., Harandi M. A Robust Volumetric Transformer for Accurate 3D Tumor "
+            "Segmentation. MICCAI 2022",
+            "Fonov V., Evans A.C., Botteron K., Almli C.R., McKinstry R.C., Collins D.L. Unbiased average "
+            "age-appropriate atlases for pediatric studies. NeuroImage 54(1), 2011",
+            "Fonov V., Evans A.C., McKinstry R.C., Almli C.R., Collins D.L. Unbiased nonlinear average "
+            "age-appropriate brain templates from birth to adulthood. NeuroImage 47, S102, 2009",
+        ),
+    ),
+]:
+    TASKS[_task.bundle] = _task
+
+
+def get_task(name: str) -> Task:
+    """A task by its bundle folder name or its data key (``brats21``, ``msd_spleen``, ``cityscapes``, ...)."""
+    for task in TASKS.values():
+        if name in (task.bundle, task.data):
+            return task
+    raise ValueError(f"unknown task {name!r}; choose one of {[t.data for t in TASKS.values()]}.")

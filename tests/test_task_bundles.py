@@ -1,0 +1,108 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Every task bundle, generated from qtunet_monai/tasks.py, end to end on its fake data on CPU:
+MONAI's bundle checks, a short training, evaluation and inference with tiny crops."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ckpt_export, run, verify_metadata, verify_net_in_out
+
+from qtunet_monai.bundle.generate import check_bundles, render_bundle
+from qtunet_monai.cli import fake_data, prepare_data
+from qtunet_monai.tasks import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+TASK_BUNDLES = [t for t in TASKS.values() if t.data != "demo"]
+
+
+def test_committed_bundles_match_their_tasks():
+    """The committed configs and docs are what qtunet_monai/tasks.py generates (no hand drift)."""
+    assert check_bundles(REPO / "bundles") == []
+    assert sorted(p.name for p in (REPO / "bundles").iterdir() if p.is_dir()) == sorted(TASKS)
+
+
+def test_generated_configs_follow_the_thesis_recipe():
+    for task in TASK_BUNDLES:
+        train = json.loads(render_bundle(task)["configs/train.json"])
+        assert train["learning_rate"] == 4e-5 and train["network_def"]["drop_path_rate"] == 0.2
+        assert (train["batch_size"], train["max_epochs"]) == ((4, 150) if task.spatial_dims == 2 else (1, 350))
+        assert train["weight_decay"] == (0.001 if task.spatial_dims == 2 else 0.0)
+        assert train["validate"]["inferer"]["overlap"] == 0.5 and train["validate"]["inferer"]["mode"] == "constant"
+        loss = train["loss"]
+        assert loss.get("sigmoid", False) == (task.data in ("brats21", "msd_brain"))
+        metrics = set(train["validate"]["key_metric"]) | set(train["validate"]["additional_metrics"])
+        assert "val_mean_dice" in train["validate"]["key_metric"]
+        assert ("val_hd95" in metrics) == task.hd95 and ("val_mean_iou" in metrics) == (task.spatial_dims == 2)
+    brats = json.loads(render_bundle(TASKS["qtunet_brats21_segmentation"])["configs/train.json"])
+    assert brats["roi_size"] == [128, 128, 128] and brats["pixdim"] == [1.0, 1.0, 1.0]
+    btcv = json.loads(render_bundle(TASKS["qtunet_btcv_segmentation"])["configs/train.json"])
+    scale = [t for t in btcv["train"]["deterministic_transforms"] if t["_target_"] == "ScaleIntensityRanged"][0]
+    assert (scale["a_min"], scale["a_max"], btcv["pixdim"]) == (-175.0, 250.0, [1.5, 1.5, 2.0])
+
+
+def _overrides(task) -> dict:
+    """Tiny crops and one short epoch; the fake volumes stay small at the task's spacing."""
+    over = {"roi_size": [64, 64] if task.spatial_dims == 2 else [32, 32, 32], "num_workers": 0}
+    if task.data in ("msd_hippocampus", "msd_prostate"):  # 0.2 / 0.5 mm would blow the fake volumes up
+        over["pixdim"] = [1.5, 1.5, 1.5]
+    return over
+
+
+@pytest.mark.parametrize("task", TASK_BUNDLES, ids=[t.data for t in TASK_BUNDLES])
+def test_bundle_end_to_end_on_fake_data(task, tmp_path, monkeypatch):
+    bundle = tmp_path / task.bundle
+    shutil.copytree(REPO / "bundles" / task.bundle, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
+    fake_data(task.data, str(tmp_path / "raw"))
+    prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
+    monkeypatch.chdir(bundle)
+    over = _overrides(task)
+
+    if SCHEMA.is_file():
+        schema = tmp_path / "schema.json"  # MONAI downloads unless the file given exists
+        shutil.copy(SCHEMA, schema)
+        verify_metadata(meta_file="configs/metadata.json", filepath=str(schema))
+    verify_net_in_out("network_def", meta_file="configs/metadata.json", config_file="configs/inference.json",
+                      device="cpu", n=1)
+
+    run(config_file="configs/train.json", max_epochs=1, val_interval=1, **over)
+    model = torch.load("models/model.pt", weights_only=True)
+    assert model["classifier.weight"].shape[0] == task.num_classes
+    assert torch.load("models/resume.pt", weights_only=True)["epoch"] == 1
+
+    run(config_file=["configs/train.json", "configs/evaluate.json"], **over)
+    scores = (bundle / "eval" / "metrics.csv").read_text()
+    assert "val_mean_dice" in scores
+    assert ("val_hd95" in scores) == task.hd95 and ("val_mean_iou" in scores) == task.iou
+
+    shutil.rmtree("eval")
+    run(config_file="configs/inference.json", **{k: v for k, v in over.items() if k != "num_workers"})
+    datalist = json.loads((bundle / "data" / "datalist.json").read_text())
+    source = datalist["testing"][0]["image"]
+    source = source[0] if isinstance(source, list) else source
+    predictions = sorted((bundle / "eval").glob("*_seg.*"))
+    assert len(predictions) == len(datalist["testing"])
+    if task.spatial_dims == 2:
+        from PIL import Image
+
+        prediction, image = Image.open(predictions[0]), Image.open(source)
+        assert prediction.size == image.size and prediction.mode == "L"
+        assert set(np.unique(np.asarray(prediction)).tolist()) <= set(range(task.num_classes))
+    else:
+        prediction, image = nib.load(predictions[0]), nib.load(source)
+        assert prediction.shape == image.shape[:3]
+        np.testing.assert_allclose(prediction.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= set(task.label_values)
+
+    ckpt_export("network_def", filepath="models/model.ts", ckpt_file="models/model.pt",
+                meta_file="configs/metadata.json", config_file="configs/inference.json", use_trace=True,
+                input_shape=[1, task.in_channels, *over["roi_size"]], **over)
+    shape = (1, task.in_channels, *over["roi_size"])
+    assert torch.jit.load("models/model.ts")(torch.randn(shape)).shape == (1, task.num_classes, *over["roi_size"])
