@@ -147,7 +147,7 @@ def fake_data(task: str, root: str, seed: int = 0) -> None:
 
     Args:
         task: brats21, btcv, msd_<name> (brain, heart, liver, hippocampus, prostate, lung, pancreas,
-            hepaticvessel, spleen, colon), cityscapes or cityscapescat.
+            hepaticvessel, spleen, colon), cityscapes, cityscapescat, ctssl or mrissl.
         root: the folder to write into (then give the same folder to prepare_data).
         seed: random seed.
     """
@@ -170,6 +170,10 @@ def fake_data(task: str, root: str, seed: int = 0) -> None:
         from .data.cityscapes import write_fake_cityscapes
 
         folder = write_fake_cityscapes(root, seed=seed)
+    elif key in ("ctssl", "mrissl"):
+        from .data.folders import write_fake_volume_tree
+
+        folder = write_fake_volume_tree(root, "CT" if key == "ctssl" else "MR", seed=seed)
     else:
         raise ValueError(f"no fake data for {task!r}: the demo has real data (python -m qtunet_monai prepare_demo).")
     print(f"fake data written: {folder}")
@@ -180,7 +184,8 @@ def prepare_data(task: str, root: str, output_file: str, seed: int = 0) -> None:
 
     Args:
         task: brats21 (case folders, 834/208/209 split), btcv (RawData, 35/5), msd_<name> (dataset.json,
-            MONAI's Decathlon splits), cityscapes or cityscapescat (leftImg8bit + gtFine; train/val/test).
+            MONAI's Decathlon splits), cityscapes or cityscapescat (leftImg8bit + gtFine; train/val/test),
+            ctssl or mrissl (every NIfTI file under root, for pre-training).
         root: where the download was extracted.
         output_file: the data list JSON to write, e.g. the bundle's data/datalist.json.
         seed: split seed (BraTS, MSD).
@@ -204,6 +209,10 @@ def prepare_data(task: str, root: str, output_file: str, seed: int = 0) -> None:
         from .data.cityscapes import cityscapes_datalist
 
         out = cityscapes_datalist(root, output_file)
+    elif key in ("ctssl", "mrissl"):
+        from .data.folders import volume_tree_datalist
+
+        out = volume_tree_datalist(root, output_file)
     else:
         raise ValueError(f"{task!r}: the demo writes its own data list (python -m qtunet_monai prepare_demo).")
     counts = {k: len(v) for k, v in json.loads(open(out).read()).items()}

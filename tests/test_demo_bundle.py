@@ -124,6 +124,15 @@ def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
     assert (bundle / "models" / "model.pt").is_file()
 
 
+def test_pretrain_config_runs_under_torchrun_with_gloo(bundle):
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+          "-m", "monai.bundle", "run", "--config_file", "['configs/pretrain.json','configs/multi_gpu_pretrain.json']",
+          "--max_epochs", "1", "--roi_size", "[32,32,32]", "--batch_size", "1", "--accumulation_steps", "1"], bundle)
+    assert torch.load(bundle / "models" / "pretrain_resume.pt", weights_only=True)["epoch"] == 1
+    encoder = torch.load(bundle / "models" / "pretrained.pt", weights_only=True)
+    assert "bottleneck_norm.weight" in encoder
+
+
 def test_killed_training_resumes_from_the_saved_epoch(bundle):
     files = "['configs/train.json']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--max_epochs", "4",

@@ -20,7 +20,7 @@ from qtunet_monai.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-TASK_BUNDLES = [t for t in TASKS.values() if t.data != "demo"]
+TASK_BUNDLES = [t for t in TASKS.values() if t.data != "demo" and not t.pretraining_only]
 
 
 def test_committed_bundles_match_their_tasks():
@@ -106,3 +106,37 @@ def test_bundle_end_to_end_on_fake_data(task, tmp_path, monkeypatch):
                 input_shape=[1, task.in_channels, *over["roi_size"]], **over)
     shape = (1, task.in_channels, *over["roi_size"])
     assert torch.jit.load("models/model.ts")(torch.randn(shape)).shape == (1, task.num_classes, *over["roi_size"])
+
+
+@pytest.mark.parametrize("key", ["btcv", "cityscapes", "ctssl", "mrissl"])
+def test_pretrain_then_finetune_on_fake_data(key, tmp_path, monkeypatch, capsys):
+    """configs/pretrain.json writes the encoder; a task bundle starts from it with --finetune True."""
+    task = next(t for t in TASKS.values() if t.data == key)
+    bundle = tmp_path / task.bundle
+    shutil.copytree(REPO / "bundles" / task.bundle, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
+    fake_data(task.data, str(tmp_path / "raw"))
+    prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
+    monkeypatch.chdir(bundle)
+    roi = [64, 64] if task.spatial_dims == 2 else [32, 32, 32]
+    if SCHEMA.is_file():
+        schema = tmp_path / "schema.json"
+        shutil.copy(SCHEMA, schema)
+        verify_metadata(meta_file="configs/metadata.json", filepath=str(schema))
+    run(config_file="configs/pretrain.json", max_epochs=2, batch_size=2, roi_size=roi, num_workers=0)
+    encoder = torch.load("models/pretrained.pt", weights_only=True)
+    assert torch.load("models/pretrain_resume.pt", weights_only=True)["epoch"] == 2
+    assert "patch_embed.proj.weight" in encoder and not any(k.startswith("decoder_stages") for k in encoder)
+    assert list((bundle / "eval").glob("events.out.tfevents.*"))
+    if task.pretraining_only:  # fine-tune a CT / MRI task network from it
+        from qtunet_monai import QTUNet
+        from qtunet_monai.bundle import load_pretrained
+
+        net = QTUNet(1, 14)
+        report = load_pretrained(net, "models/pretrained.pt")
+        assert len(report["loaded"]) == len(encoder) and not report["unexpected"]
+        return
+    capsys.readouterr()
+    run(config_file="configs/train.json", max_epochs=1, val_interval=1, roi_size=roi, num_workers=0,
+        finetune=True, finetune_checkpoint="models/pretrained.pt")
+    log = capsys.readouterr()
+    assert f"{len(encoder)} tensors loaded" in log.out + log.err

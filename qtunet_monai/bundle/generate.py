@@ -377,6 +377,108 @@ def multi_gpu_config(task: Task) -> dict:
     }
 
 
+def pretrain_config(task: Task) -> dict:
+    """Self-supervised pre-training of the encoder on the task's images (labels ignored), SPEC.md section 4."""
+    batch, accumulation, epochs, roi = task.pretrain
+    config = _common(task)
+    config["imports"].append("$import qtunet_monai.ssl as qtunet_ssl")
+    for key in ("num_classes", "architecture"):
+        config.pop(key)
+    config.update({
+        "roi_size": list(roi),
+        "max_epochs": epochs,
+        "warmup_epochs": min(10, max(epochs - 1, 0)),
+        "learning_rate": 4e-5,
+        "weight_decay": 1.5e-6,
+        "batch_size": batch,
+        "accumulation_steps": accumulation,
+        "base_momentum": 0.996,
+        "collapse_threshold": 0.1,
+        "num_workers": task.num_workers,
+        "cache_rate": task.cache_rate,
+        "check_data": True,
+        "resume": False,
+        "encoder_file": "$@ckpt_dir + '/pretrained.pt'",
+        "network_def": {"_target_": "qtunet_monai.ssl.QTUNetSSL", "in_channels": "@in_channels",
+                        "roi_size": "@roi_size", "spatial_dims": task.spatial_dims, "variant": "@variant",
+                        "merge_depth": True},
+        "network": "$@network_def.to(@device)",
+        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate",
+                      "weight_decay": "@weight_decay"},
+        "lr_scheduler": {"_target_": "monai.optimizers.WarmupCosineSchedule", "optimizer": "@optimizer",
+                         "warmup_steps": "@warmup_epochs", "t_total": "@max_epochs"},
+    })
+    losses = "$lambda out: {k: out[k] for k in ('loss', 'loss_reconstruction', 'loss_rotation', 'loss_byol', 'collapse')}"
+    config["pretrain"] = {
+        # labels ignored; only the training cases' images, so validation images stay unseen
+        "datalist": "$[{'image': c['image']} for c in qtunet_bundle.load_datalist(@datalist_file, 'training')]",
+        "transforms": [
+            *deterministic_transforms(task, with_label=False),
+            {"_target_": "RandSpatialCropd", "keys": "image", "roi_size": "@roi_size", "random_size": False},
+            {"_target_": "qtunet_monai.ssl.TwoViewsd", "keys": "image"},
+        ],
+        "dataset": {"_target_": "CacheDataset",
+                    "data": f"$qtunet_bundle.check_cases(@pretrain#datalist, @in_channels, check_values=@check_data, "
+                            f"spatial_dims={task.spatial_dims})",
+                    "transform": {"_target_": "Compose", "transforms": "@pretrain#transforms"},
+                    "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@pretrain#dataset", "batch_size": "@batch_size",
+                       "shuffle": True, "num_workers": "@num_workers", "drop_last": False},
+        # multi_gpu_pretrain.json drops the last three (logging) handlers on ranks > 0: keep them last
+        "handlers": [
+            {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+            {"_target_": "StatsHandler", "tag_name": "ssl", "output_transform": losses},
+            {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "ssl",
+             "output_transform": losses},
+            {"_target_": "ignite.handlers.ProgressBar", "persist": False},
+        ],
+        "trainer": {"_target_": "qtunet_monai.ssl.SSLTrainer", "max_epochs": "@max_epochs", "device": "@device",
+                    "train_data_loader": "@pretrain#dataloader", "network": "@network", "optimizer": "@optimizer",
+                    "accumulation_steps": "@accumulation_steps", "base_momentum": "@base_momentum",
+                    "train_handlers": "@pretrain#handlers", "amp": "@amp"},
+    }
+    config["collapse_monitor"] = {"_target_": "qtunet_monai.ssl.CollapseMonitor", "threshold": "@collapse_threshold"}
+    config["encoder_saver"] = {"_target_": "qtunet_monai.ssl.EncoderSaver", "path": "@encoder_file",
+                               "network": "@network"}
+    config["resume_checkpoint"] = {"_target_": "qtunet_monai.bundle.ResumeCheckpoint",
+                                   "path": "$@ckpt_dir + '/pretrain_resume.pt'", "network": "@network",
+                                   "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume"}
+    config["initialize"] = [
+        "$monai.utils.set_determinism(seed=123)",
+        "$@resume_checkpoint.attach(@pretrain#trainer)",
+        "$@collapse_monitor.attach(@pretrain#trainer)",
+        "$@encoder_saver.attach(@pretrain#trainer)",
+    ]
+    config["run"] = ["$@pretrain#trainer.run()"]
+    return config
+
+
+def multi_gpu_pretrain_config(task: Task) -> dict:
+    return {
+        "device": "$torch.device(f'cuda:{dist.get_rank()}') if torch.cuda.is_available() else torch.device('cpu')",
+        "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
+                    "device_ids": "$[@device] if torch.cuda.is_available() else None"},
+        "pretrain#sampler": {"_target_": "DistributedSampler", "dataset": "@pretrain#dataset", "even_divisible": True,
+                             "shuffle": True},
+        "pretrain#dataloader#sampler": "@pretrain#sampler",
+        "pretrain#dataloader#shuffle": False,
+        "pretrain#trainer#train_handlers": "$@pretrain#handlers[: -3 if dist.get_rank() > 0 else None]",
+        "resume_checkpoint#save": "$dist.get_rank() == 0",
+        "encoder_saver#save": "$dist.get_rank() == 0",
+        "initialize": [
+            "$import torch.distributed as dist",
+            "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
+            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            "$monai.utils.set_determinism(seed=123)",
+            "$@resume_checkpoint.attach(@pretrain#trainer)",
+            "$@collapse_monitor.attach(@pretrain#trainer)",
+            "$@encoder_saver.attach(@pretrain#trainer)",
+        ],
+        "run": ["$@pretrain#trainer.run()"],
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }
+
+
 def metadata(task: Task) -> dict:
     packages = {k: VERSIONS[k] for k in ("qtunet_monai", "nibabel", "pytorch-ignite", "tensorboard", "tqdm")}
     if task.spatial_dims == 2:
@@ -386,12 +488,12 @@ def metadata(task: Task) -> dict:
     channel_names = {str(i): c for i, c in enumerate(task.channels)}
     classes = {str(i): c for i, c in enumerate(task.classes)}
     activation = "sigmoid, one channel per overlapping region" if task.sigmoid else "softmax"
-    label = (f"single channel, label values {list(task.label_values)}; converted to the regions "
+    label = "" if task.pretraining_only else (f"single channel, label values {list(task.label_values)}; converted to the regions "
              + ", ".join(f"{c} = {list(r)}" for c, r in zip(task.classes, task.regions))) if task.sigmoid else (
         f"single channel, label ids mapped to {task.num_classes} classes (0 void, ignored)" if task.label_map else
         "single channel: " + ", ".join(f"{i} {c}" for i, c in enumerate(task.classes)))
     image_format = {"MR": "magnitude", "CT": "hounsfield", "RGB": "RGB"}[task.modality]
-    return {
+    meta = {
         "schema": SCHEMA_URL,
         "version": task.version,
         "changelog": {task.version: task.changelog},
@@ -430,6 +532,13 @@ def metadata(task: Task) -> dict:
                 "is_patch_data": True, "channel_def": classes}},
         },
     }
+    if task.pretraining_only:  # the product is an encoder; the network's output is the reconstruction
+        meta["network_data_format"]["outputs"]["pred"].update(
+            {"format": image_format, "num_channels": task.in_channels, "value_range": [], "channel_def": channel_names})
+        meta.update({"label_classes": "none: self-supervised", "eval_metrics": {"loss": 0.0},
+                     "pred_classes": "reconstruction of the input (pre-training head); the product is the encoder "
+                                     "in models/pretrained.pt"})
+    return meta
 
 
 # --------------------------------------------------------------------------------------------------- docs
@@ -456,6 +565,8 @@ def docs_readme(task: Task) -> str:
     void = ("\nVoid pixels (class 0) are left out of the loss (`VoidMaskedDiceLoss`) and of the metrics "
             "(`MaskVoidd`); the thesis trained on them and regretted it (its section 6.2.2).\n" if task.void else "")
     arch_2d = task.spatial_dims == 2
+    batch, accumulation, epochs, ssl_roi = task.pretrain
+    ssl_roi = " x ".join(map(str, ssl_roi))
     ablation = "QT-UNet-2D-A" if arch_2d else "QT-UNet-A`, `VT-UNet` or `VT-UNet-A"
     return f"""# {task.title}
 
@@ -518,6 +629,19 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
 
 Predict other files: `--datalist "[{{'image': '/path/to/case{'.png' if arch_2d else '.nii.gz'}'}}]"`.
 
+## Self-supervised pre-training (labels ignored)
+```bash
+python -m monai.bundle run --config_file configs/pretrain.json     # writes models/pretrained.pt (the encoder)
+python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint models/pretrained.pt
+```
+`configs/pretrain.json` pre-trains the encoder on this task's images (reconstruction of cut-out
+views, rotation classes, BYOL; Adam 4e-5, weight decay 1.5e-6, 10 warm-up epochs then cosine;
+batch {batch}, gradient accumulation {accumulation}, {epochs} epochs, crops {ssl_roi}). The BYOL target moves
+once per optimiser step; each loss and a collapse signal go to TensorBoard, and a warning names the
+epoch if the projections collapse. Several GPUs: `torchrun ... --config_file
+"['configs/pretrain.json','configs/multi_gpu_pretrain.json']"`. Out-of-task pre-training:
+`bundles/qtunet_ctssl_pretraining` (CT) and `bundles/qtunet_mrissl_pretraining` (MRI).
+
 ## Variants and the thesis' ablations
 `--variant small` or `--variant base` (default `{task.variant}`); `--architecture {ablation}`
 for the ablations of the thesis. Give the same overrides to every command of a run. Memory:
@@ -527,6 +651,56 @@ for the ablations of the thesis. Give the same overrides to every command of a r
 Not measured by us: no GPU was available where this bundle was written. The thesis trained on NVIDIA
 A100 GPUs. `python -m qtunet_monai bench --device cuda` measures speed and memory of the variants
 at this ROI against MONAI's SwinUNETR on your GPU.
+
+## Result to compare with
+{task.thesis_result}
+
+## References
+""" + "\n".join(f"- {r}" for r in task.references) + "\n"
+
+
+def pretraining_readme(task: Task) -> str:
+    batch, accumulation, epochs, roi = task.pretrain
+    roi = " x ".join(map(str, roi))
+    intensity = ("Hounsfield units clipped to " + str(list(task.intensity[1:])) + " and scaled to 0..1"
+                 if task.intensity[0] == "ct" else "non-zero voxels normalised")
+    return f"""# {task.title}
+
+{task.description}. Out-of-task pre-training as in the QT-UNet thesis (SPEC.md section 4): the encoder
+learns from unlabelled volumes, then initialises any task bundle. Generated from
+`qtunet_monai/tasks.py` (`python -m qtunet_monai generate_bundles`).
+
+## Data
+{task.data_docs}
+
+```bash
+python -m qtunet_monai prepare_data {task.data} /path/to/volume/tree --output_file data/datalist.json
+# or, to try it: python -m qtunet_monai fake_data {task.data} /tmp/fake && python -m qtunet_monai prepare_data {task.data} /tmp/fake --output_file data/datalist.json
+```
+
+## Pipeline
+{task.pixdim[0]} mm isotropic spacing, {intensity}, foreground crop, random {roi} crops; two views per
+crop, each an independent draw of a 0/90/180/270 degree rotation in the axial plane and random
+cut-out boxes. Heads: reconstruction (transposed convolution, L1 against the un-masked view),
+rotation (MLP with BatchNorm and ReLU, cross-entropy), BYOL (projector, predictor, EMA target,
+symmetrised cosine loss); the loss is their unweighted sum. Adam 4e-5, weight decay 1.5e-6, 10
+warm-up epochs then cosine; batch {batch} x {accumulation} accumulation, {epochs} epochs (per GPU; the thesis used 2).
+
+## Commands
+```bash
+python -m monai.bundle run --config_file configs/pretrain.json                 # --variant small / base
+python -m monai.bundle run --config_file configs/pretrain.json --resume True   # after a kill
+torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
+    --config_file "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"
+# then, in a task bundle with the same variant and a CT (or MRI) input:
+python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint /path/to/models/pretrained.pt
+```
+
+`models/pretrained.pt` holds the online encoder under QT-UNet's parameter names and is rewritten
+atomically after every epoch; fine-tuning reports loaded, missing (the decoder) and unexpected keys
+and refuses mismatched shapes. TensorBoard (`eval/`) gets each loss and the collapse signal (the
+spread of the normalised projections, about 1 when healthy); below `collapse_threshold` a warning
+names the epoch. The thesis' Base model collapsed on CT-SSL unnoticed; this is what catches it.
 
 ## Result to compare with
 {task.thesis_result}
@@ -554,19 +728,22 @@ def _dumps(value, indent: int = 0, width: int = 118) -> str:
 
 def render_bundle(task: Task) -> dict[str, str]:
     """The bundle's generated files: relative path -> text."""
-    files = {
-        "configs/metadata.json": metadata(task),
-        "configs/train.json": train_config(task),
-        "configs/evaluate.json": evaluate_config(task),
-        "configs/inference.json": inference_config(task),
-        "configs/multi_gpu_train.json": multi_gpu_config(task),
-    }
+    files = {"configs/metadata.json": metadata(task)}
+    if not task.pretraining_only:
+        files.update({
+            "configs/train.json": train_config(task),
+            "configs/evaluate.json": evaluate_config(task),
+            "configs/inference.json": inference_config(task),
+            "configs/multi_gpu_train.json": multi_gpu_config(task),
+        })
+    files["configs/pretrain.json"] = pretrain_config(task)
+    files["configs/multi_gpu_pretrain.json"] = multi_gpu_pretrain_config(task)
     out = {path: _dumps(content) + "\n" for path, content in files.items()}
     out["configs/logging.conf"] = LOGGING_CONF
     out[".gitignore"] = "# written by the commands in docs/README.md\ndata/\nmodels/\neval/\n"
     out["LICENSE"] = (REPO / "LICENSE").read_text() if (REPO / "LICENSE").is_file() else ""
     if task.generated_docs:
-        out["docs/README.md"] = docs_readme(task)
+        out["docs/README.md"] = pretraining_readme(task) if task.pretraining_only else docs_readme(task)
     return out
 
 
