@@ -4,6 +4,7 @@ and void-class transforms, and the generator that writes the bundles from :mod:`
 
 from .checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, load_pretrained
 from .datalist import DataError, check_cases, load_datalist
+from ..networks.imagenet import load_imagenet_swin
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ResumeCheckpoint",
     "atomic_save",
     "load_pretrained",
+    "load_imagenet_swin",
     "DataError",
     "check_cases",
     "load_datalist",

@@ -216,6 +216,8 @@ def train_config(task: Task) -> dict:
         "resume": False,
         "finetune": False,
         "finetune_checkpoint": "$@ckpt_dir + '/pretrained.pt'",
+        "imagenet_init": False,
+        "imagenet_checkpoint": "$@ckpt_dir + '/swin_tiny_patch4_window7_224.pth'",
         "network_def": _network_def(task, train=True),
         "network": "$@network_def.to(@device)",
     })
@@ -288,6 +290,7 @@ def train_config(task: Task) -> dict:
                                    "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume"}
     config["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
+        "$qtunet_bundle.load_imagenet_swin(@network, @imagenet_checkpoint) if @imagenet_init else None",
         "$qtunet_bundle.load_pretrained(@network, @finetune_checkpoint) if @finetune else None",
         "$@resume_checkpoint.attach(@train#trainer)",
     ]
@@ -369,6 +372,7 @@ def multi_gpu_config(task: Task) -> dict:
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
             "$monai.utils.set_determinism(seed=123)",
+            "$qtunet_bundle.load_imagenet_swin(@network, @imagenet_checkpoint) if @imagenet_init else None",
             "$qtunet_bundle.load_pretrained(@network, @finetune_checkpoint) if @finetune else None",
             "$@resume_checkpoint.attach(@train#trainer)",
         ],
@@ -645,7 +649,10 @@ epoch if the projections collapse. Several GPUs: `torchrun ... --config_file
 ## Variants and the thesis' ablations
 `--variant small` or `--variant base` (default `{task.variant}`); `--architecture {ablation}`
 for the ablations of the thesis. Give the same overrides to every command of a run. Memory:
-`--network_def#use_checkpoint True` trades compute for activation memory.
+`--network_def#use_checkpoint True` trades compute for activation memory. ImageNet initialisation of
+the encoder, as the thesis did for Base: `--variant base --imagenet_init True --imagenet_checkpoint
+/path/to/swin_tiny_patch4_window7_224.pth` (a Swin-T file you supply, timm or official names;
+inflated to 3D, nothing is downloaded).
 
 ## GPU memory and time
 Not measured by us: no GPU was available where this bundle was written. The thesis trained on NVIDIA
