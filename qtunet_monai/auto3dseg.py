@@ -1,0 +1,350 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""What the Auto3DSeg template ``algorithm_templates/qtunet`` runs: filling its configs from the
+DataAnalyzer statistics, training on MONAI's Ignite engines, validation and inference.
+
+The template's scripts are thin wrappers around these functions, so the logic is tested and
+versioned with the package. Everything runs on CPU when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+__all__ = ["TemplateError", "fill_hyper_parameters", "load_config", "build_transforms", "train", "validate",
+           "InferClass"]
+
+logger = logging.getLogger(__name__)
+CONFIG_FILES = ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")
+
+
+class TemplateError(ValueError):
+    """The data cannot be handled by the qtunet template; the message says why."""
+
+
+def _gpu_memory_gb() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_path: str, fold: int = 0,
+                          gpu_memory_gb: float | None = None) -> dict[str, Any]:
+    """Fill ``<output_path>/configs/hyper_parameters.yaml`` by key from the DataAnalyzer statistics and the
+    data source config; returns the values written.
+
+    - channels and classes from the statistics; overlapping regions (``class_names`` with ``index``
+      lists in the data source config, e.g. BraTS) mean sigmoid outputs;
+    - spacing: the median voxel size; ROI: 96^3 on a GPU (56^3 on CPU), no larger than the median
+      image, a multiple of 28 (the 7-token window after the 4x embedding);
+    - intensity: CT clipped to the foreground's 0.5-99.5 percentiles and scaled to 0..1, MRI
+      normalised channel-wise over non-zero voxels;
+    - variant and batch from the GPU's memory (tiny, batch 1 without a GPU).
+
+    Raises:
+        TemplateError: no labels, a single class, or files the data list names are missing.
+    """
+    source = yaml.safe_load(Path(data_src_cfg_file).read_text())
+    _check_datalist(source)
+    stats = yaml.safe_load(Path(data_stats_file).read_text())["stats_summary"]
+    labels = [int(v) for v in stats.get("label_stats", {}).get("labels", [])]
+    regions = None
+    class_names = source.get("class_names")
+    if class_names and all(isinstance(c, dict) and "index" in c for c in class_names):
+        regions = [[int(i) for i in c["index"]] for c in class_names]
+    if regions is None and len(labels) < 2:
+        raise TemplateError(f"the labels hold {labels or 'no'} value(s): segmentation needs a background and at "
+                            "least one class (check the label files of the data list).")
+    if regions is None and labels != list(range(len(labels))):
+        raise TemplateError(f"label values {labels} are not 0..N-1: the qtunet template needs contiguous class "
+                            "indices (remap the labels, or give overlapping regions as class_names with index lists).")
+    modality = str(source.get("modality", "mri")).lower()
+    spacing = [float(s) for s in stats["image_stats"]["spacing"]["median"]]
+    median_shape = [int(s) for s in stats["image_stats"]["shape"]["median"]]
+    memory = _gpu_memory_gb() if gpu_memory_gb is None else gpu_memory_gb
+    edge = 96 if memory > 0 else 56
+    roi = [max(28, min(edge, 28 * max(1, s // 28))) for s in median_shape]
+    variant, batch = ("base", 2) if memory >= 70 else ("small", 2) if memory >= 40 else ("tiny", 1 if memory < 24 else 2)
+    fg = stats.get("image_foreground_stats", {}).get("intensity", {})
+    values = {
+        "fold": int(fold),
+        "modality": "ct" if modality == "ct" else "mri",
+        "input_channels": int(stats["image_stats"]["channels"]["max"]),
+        "output_classes": len(regions) if regions else len(labels),
+        "sigmoid": regions is not None,
+        "regions": regions,
+        "resample_resolution": spacing,
+        "roi_size": roi,
+        "intensity_bounds": [float(fg.get("percentile_00_5", -1000.0)), float(fg.get("percentile_99_5", 1000.0))],
+        "variant": variant,
+        "num_images_per_batch": batch,
+        "amp": memory > 0,
+    }
+    path = Path(output_path) / "configs" / "hyper_parameters.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.update(values)
+    config["bundle_root"] = str(Path(output_path).resolve())
+    config["data_file_base_dir"] = str(source["dataroot"])
+    config["data_list_file_path"] = str(source["datalist"])
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return {"hyper_parameters.yaml": values}
+
+
+def _config_files(config_file) -> list[str]:
+    """Auto3DSeg passes one comma-separated string; fire may pass a list or tuple."""
+    if isinstance(config_file, (str, os.PathLike)):
+        return [f.strip() for f in str(config_file).split(",") if f.strip()]
+    return [str(f) for f in config_file]
+
+
+def _check_datalist(source: dict) -> None:
+    """Stop generation with a clear message on an empty data list or missing / unreadable files."""
+    from .bundle import check_cases
+
+    path = Path(source["datalist"])
+    datalist = json.loads(path.read_text()) if path.is_file() else None
+    if not datalist or not datalist.get("training"):
+        raise TemplateError(f"data list {path} has no 'training' cases: nothing to train the qtunet algorithm on.")
+    root = Path(source.get("dataroot", path.parent))
+
+    def resolve(value):
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return str(value if Path(value).is_absolute() else root / value)
+
+    items = [{k: resolve(v) for k, v in item.items() if k in ("image", "label")} for item in datalist["training"]]
+    missing = [i["image"] for i in items if "label" not in i]
+    if missing:
+        raise TemplateError(f"training cases without a label in {path}: {missing[:5]}")
+    first = items[0]["image"]
+    channels = len(first) if isinstance(first, list) else None
+    try:
+        from .bundle.datalist import _header
+
+        shape = _header(first[0] if isinstance(first, list) else first)[0]
+        channels = channels or (shape[3] if len(shape) > 3 else 1)
+    except (OSError, FileNotFoundError):
+        channels = channels or 1  # check_cases below names the file
+    check_cases(items, channels, check_values=False)
+
+
+def load_config(config_file, **override):
+    """A MONAI ConfigParser over the template's configs with ``override`` applied (``#`` ids allowed)."""
+    from monai.bundle import ConfigParser
+
+    files = _config_files(config_file)
+    parser = ConfigParser()
+    parser.read_config([f for f in files if str(f).endswith((".yaml", ".json"))])
+    parser.update(override)
+    return parser
+
+
+def _save_overrides(config_file, override: dict) -> None:
+    """Write training-time overrides into hyper_parameters.yaml so that inference rebuilds the same network."""
+    files = _config_files(config_file)
+    target = next(Path(f) for f in files if str(f).endswith("hyper_parameters.yaml"))
+    config = yaml.safe_load(target.read_text())
+    for key, value in override.items():
+        if "#" not in key:
+            config[key] = value
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def build_transforms(parser, stage: str) -> list:
+    """``train``, ``validate`` or ``infer`` transforms: load, (regions), RAS, resample, intensity, pad, (augment)."""
+    from monai.transforms import EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd, Spacingd, SpatialPadd
+
+    from .bundle import LabelsToRegionsd
+
+    keys = ["image"] if stage == "infer" else ["image", "label"]
+    modes = ["bilinear"] if stage == "infer" else ["bilinear", "nearest"]
+    steps = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)]
+    if stage != "infer" and parser.get_parsed_content("sigmoid"):
+        steps.append(LabelsToRegionsd("label", parser.get_parsed_content("regions")))
+    steps += [Orientationd(keys, axcodes="RAS"),
+              Spacingd(keys, pixdim=parser.get_parsed_content("resample_resolution"), mode=modes)]
+    modality = parser.get_parsed_content("modality")
+    steps += parser.get_parsed_content("intensity_ct" if modality == "ct" else "intensity_mri")
+    if stage != "infer":
+        steps.append(SpatialPadd(keys, spatial_size=parser.get_parsed_content("roi_size")))
+    steps.append(EnsureTyped(keys))
+    if stage == "train":
+        steps += parser.get_parsed_content("augment")
+    return steps
+
+
+def _fold_lists(parser) -> tuple[list[dict], list[dict]]:
+    from monai.auto3dseg.utils import datafold_read
+
+    from .bundle import check_cases
+
+    datalist = parser.get_parsed_content("data_list_file_path")
+    base = parser.get_parsed_content("data_file_base_dir")
+    train_files, val_files = datafold_read(datalist, basedir=base, fold=parser.get_parsed_content("fold"))
+    if not train_files or not val_files:
+        raise TemplateError(f"fold {parser.get_parsed_content('fold')} of {datalist} leaves {len(train_files)} "
+                            f"training and {len(val_files)} validation cases; both must be non-empty.")
+    channels = parser.get_parsed_content("input_channels")
+    sigmoid = parser.get_parsed_content("sigmoid")
+    classes = None if sigmoid else parser.get_parsed_content("output_classes")
+    for items in (train_files, val_files):
+        check_cases(items, channels, num_classes=classes, check_values=False)
+    return train_files, val_files
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun (Auto3DSeg's multi-GPU mode)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def _engines(parser, train_files, val_files):
+    from monai.data import CacheDataset, DataLoader, DistributedSampler
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+    from monai.losses import DiceLoss
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    rank, world = _distributed()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    network = parser.get_parsed_content("network").to(device)
+    if world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+    sigmoid = parser.get_parsed_content("sigmoid")
+    classes = parser.get_parsed_content("output_classes")
+    workers = parser.get_parsed_content("num_workers")
+    cache = parser.get_parsed_content("cache_rate")
+    train_ds = CacheDataset(train_files, Compose(build_transforms(parser, "train")), cache_rate=cache,
+                            num_workers=workers)
+    val_ds = CacheDataset(val_files, Compose(build_transforms(parser, "validate")), cache_rate=cache,
+                          num_workers=workers)
+    train_sampler = DistributedSampler(train_ds, shuffle=True) if world > 1 else None
+    val_sampler = DistributedSampler(val_ds, shuffle=False, even_divisible=False) if world > 1 else None
+    train_loader = DataLoader(train_ds, batch_size=parser.get_parsed_content("num_images_per_batch"),
+                              shuffle=train_sampler is None, sampler=train_sampler, num_workers=workers)
+    val_loader = DataLoader(val_ds, batch_size=1, sampler=val_sampler, num_workers=workers)
+    epochs = parser.get_parsed_content("num_epochs")
+    optimizer = torch.optim.Adam(network.parameters(), lr=parser.get_parsed_content("learning_rate"))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    post = [Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5)] if sigmoid else [
+        Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)]
+    amp = bool(parser.get_parsed_content("amp")) and device.type == "cuda"
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=val_loader, network=network, amp=amp,
+        inferer=SlidingWindowInferer(parser.get_parsed_content("roi_size"),
+                                     sw_batch_size=parser.get_parsed_content("num_sw_batch_size"), overlap=0.5),
+        postprocessing=Compose(post),
+        key_val_metric={"val_mean_dice": MeanDice(include_background=sigmoid,
+                                                  output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[StatsHandler(iteration_log=False)],
+    )
+    loss = DiceLoss(sigmoid=True) if sigmoid else DiceLoss(to_onehot_y=True, softmax=True)
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
+        loss_function=loss, inferer=SimpleInferer(), amp=amp,
+        train_handlers=[
+            ValidationHandler(validator=evaluator, interval=parser.get_parsed_content("num_epochs_per_validation"),
+                              epoch_level=True),
+            StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
+        ],
+    )
+    LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+    return network, trainer, evaluator
+
+
+def train(config_file, **override) -> float:
+    """Train on the fold's training cases, validate on its validation cases; writes ``model.pt``
+    (best mean Dice, atomically), ``resume.pt`` and ``progress.yaml`` (``best_avg_dice_score``, what
+    Auto3DSeg ranks with) under ``ckpt_path``. Returns the best validation mean Dice."""
+    from ignite.engine import Events
+
+    from .bundle import BestModelSaver, ResumeCheckpoint
+
+    if override:
+        _save_overrides(config_file, override)
+    parser = load_config(config_file, **override)
+    train_files, val_files = _fold_lists(parser)
+    network, trainer, evaluator = _engines(parser, train_files, val_files)
+    ckpt = Path(parser.get_parsed_content("ckpt_path"))
+    ckpt.mkdir(parents=True, exist_ok=True)
+    rank, _ = _distributed()
+    BestModelSaver(str(ckpt / "model.pt"), network, save=rank == 0).attach(evaluator)
+    ResumeCheckpoint(str(ckpt / "resume.pt"), network, trainer.optimizer,
+                     resume=bool(parser.get_parsed_content("resume")), save=rank == 0).attach(trainer)
+    progress: list[dict] = []
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def record(engine) -> None:
+        if rank != 0:
+            return
+        progress.append({"epoch": trainer.state.epoch, "best_avg_dice_score": float(engine.state.best_metric),
+                         "best_epoch": int(engine.state.best_metric_epoch)})
+        (ckpt / "progress.yaml").write_text(yaml.safe_dump(progress))
+
+    trainer.run()
+    if not progress:  # validation never ran (interval beyond the budget): validate once now
+        evaluator.run()
+    best = float(evaluator.state.best_metric)
+    logger.info(f"best validation mean Dice {best:.4f}; model in {ckpt / 'model.pt'}")
+    return best
+
+
+def validate(config_file, **override) -> float:
+    """Mean Dice of ``ckpt_path/model.pt`` on the fold's validation cases."""
+    parser = load_config(config_file, **override)
+    train_files, val_files = _fold_lists(parser)
+    network, _, evaluator = _engines(parser, train_files, val_files)
+    state = torch.load(Path(parser.get_parsed_content("ckpt_path")) / "model.pt", map_location="cpu",
+                       weights_only=True)
+    (network.module if hasattr(network, "module") else network).load_state_dict(state)
+    evaluator.run()
+    score = float(evaluator.state.metrics["val_mean_dice"])
+    print(json.dumps({"val_mean_dice": score}))
+    return score
+
+
+class InferClass:
+    """Auto3DSeg's inference contract: ``InferClass(configs, **override).infer(image_file)`` returns the
+    channel-first probability map in the image's original space (a MetaTensor)."""
+
+    def __init__(self, config_file, **override) -> None:
+        from monai.inferers import SlidingWindowInferer
+        from monai.transforms import Compose
+
+        override = {k: v for k, v in override.items() if k not in ("mode", "fold")}
+        self.parser = load_config(config_file, **override)
+        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.network = self.parser.get_parsed_content("network").to(self.device).eval()
+        weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
+        self.network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+        self.transforms = Compose(build_transforms(self.parser, "infer"))
+        self.sigmoid = self.parser.get_parsed_content("sigmoid")
+        self.inferer = SlidingWindowInferer(self.parser.get_parsed_content("roi_size"),
+                                            sw_batch_size=self.parser.get_parsed_content("num_sw_batch_size"),
+                                            overlap=0.5)
+
+    @torch.no_grad()
+    def infer(self, image_file) -> torch.Tensor:
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        # the ensemble passes data-list items ({"image": path}); users may pass a path
+        path = image_file["image"] if isinstance(image_file, dict) else image_file
+        data = self.transforms({"image": path})
+        image = data["image"]
+        logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
+        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)
+        data["pred"] = MetaTensor(probs[0].cpu(), affine=image.affine, meta=image.meta)
+        return Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=False)(data)["pred"]
