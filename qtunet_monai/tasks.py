@@ -112,6 +112,8 @@ class Task:
     data_docs: str = ""
     #: in-task pre-training (SPEC.md section 4): batch, gradient accumulation, epochs, crop
     pretrain: tuple = (32, 2, 350, (96, 96, 96))
+    pretrain_learning_rate: float = 4e-5
+    pretrain_warmup_epochs: int = 10
     #: a pre-training-only bundle (no labels, no train/evaluate/inference configs)
     pretraining_only: bool = False
     generated_docs: bool = True
@@ -378,6 +380,8 @@ for _task in [
         num_workers=0,
         eval_split="testing",
         pretrain=(2, 2, 10, (56, 56, 56)),
+        pretrain_learning_rate=1e-3,  # like the demo's training: minutes, not hundreds of epochs
+        pretrain_warmup_epochs=1,
         generated_docs=False,
         changelog="first release: QT-UNet-T demo on the MNI ICBM152 template shipped with nilearn",
         eval_metrics={"mean_dice": 0.799},

@@ -391,8 +391,8 @@ def pretrain_config(task: Task) -> dict:
     config.update({
         "roi_size": list(roi),
         "max_epochs": epochs,
-        "warmup_epochs": min(10, max(epochs - 1, 0)),
-        "learning_rate": 4e-5,
+        "warmup_epochs": task.pretrain_warmup_epochs,
+        "learning_rate": task.pretrain_learning_rate,
         "weight_decay": 1.5e-6,
         "batch_size": batch,
         "accumulation_steps": accumulation,
