@@ -68,7 +68,12 @@ def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_p
     memory = _gpu_memory_gb() if gpu_memory_gb is None else gpu_memory_gb
     edge = 96 if memory > 0 else 56
     roi = [max(28, min(edge, 28 * max(1, s // 28))) for s in median_shape]
-    variant, batch = ("base", 2) if memory >= 70 else ("small", 2) if memory >= 40 else ("tiny", 1 if memory < 24 else 2)
+    if memory >= 70:
+        variant, batch = "base", 2
+    elif memory >= 40:
+        variant, batch = "small", 2
+    else:
+        variant, batch = "tiny", 1 if memory < 24 else 2
     fg = stats.get("image_foreground_stats", {}).get("intensity", {})
     values = {
         "fold": int(fold),
@@ -221,7 +226,8 @@ def _engines(parser, train_files, val_files):
         torch.cuda.set_device(device)
     network = parser.get_parsed_content("network").to(device)
     if world > 1:
-        network = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+        ids = [device] if device.type == "cuda" else None
+        network = torch.nn.parallel.DistributedDataParallel(network, device_ids=ids)
     sigmoid = parser.get_parsed_content("sigmoid")
     classes = parser.get_parsed_content("output_classes")
     workers = parser.get_parsed_content("num_workers")

@@ -169,8 +169,8 @@ def _msd(key: str, number: int, intensity: tuple, pixdim, crop_foreground: bool,
         ),
         data_docs=(
             f"Download `{msd.folder}.tar` from the Medical Segmentation Decathlon (http://medicaldecathlon.com or "
-            f"`monai.apps.DecathlonDataset(..., download=True)`) and extract it into a folder `MSD`, so that "
-            f"`MSD/{msd.folder}/dataset.json` exists."
+            f"`monai.apps.DecathlonDataset(..., download=True)`) and extract it into one folder (`/path/to/download` "
+            f"below), so that `/path/to/download/{msd.folder}/dataset.json` exists."
         ),
     )
 

@@ -558,7 +558,7 @@ def docs_readme(task: Task) -> str:
         f"{c} = labels {list(r)}" for c, r in zip(task.classes, task.regions)) if task.sigmoid
         else "softmax over " + ", ".join(f"{i} {c}" for i, c in enumerate(task.classes)))
     metrics = "mean Dice (background excluded)" + (", HD95 in mm (voxels are 1 mm)" if task.hd95 else "") + (
-        ", mean IoU" if task.iou else "")
+        ", mean IoU (MONAI's MeanIoU: per image over the classes present, then averaged)" if task.iou else "")
     fake_dir = "fake_data"
     prediction = "PNG label images of class ids" if task.spatial_dims == 2 else "NIfTI label maps with the input's geometry"
     if task.sigmoid:

@@ -89,8 +89,8 @@ def swin_to_qtunet(state: Mapping[str, torch.Tensor], network: QTUNet) -> dict[s
         if dims == 3:  # our index is row-major over (axis0, axis1, depth): repeat over depth offsets
             table = table.repeat_interleave(own_table.shape[0] // table.shape[0], dim=0)
         if table.shape != own_table.shape:
-            raise ValueError(f"{src}: relative-position table {tuple(table.shape)} does not fit {tuple(own_table.shape)} "
-                             "(the window sizes differ).")
+            raise ValueError(f"{src}: relative-position table {tuple(table.shape)} does not fit "
+                             f"{tuple(own_table.shape)} (the window sizes differ).")
         out[f"{dst}.attn.relative_position_bias_table"] = table
 
     for stage in range(3):
