@@ -291,8 +291,11 @@ def train(config_file, **override) -> float:
                      resume=bool(parser.get_parsed_content("resume")), save=rank == 0).attach(trainer)
     progress: list[dict] = []
 
+    validations: list[int] = []  # on every rank; progress only on rank 0
+
     @evaluator.on(Events.EPOCH_COMPLETED)
     def record(engine) -> None:
+        validations.append(trainer.state.epoch)
         if rank != 0:
             return
         progress.append({"epoch": trainer.state.epoch, "best_avg_dice_score": float(engine.state.best_metric),
@@ -300,7 +303,7 @@ def train(config_file, **override) -> float:
         (ckpt / "progress.yaml").write_text(yaml.safe_dump(progress))
 
     trainer.run()
-    if not progress:  # validation never ran (interval beyond the budget): validate once now
+    if not validations:  # validation never ran (interval beyond the budget): validate once now, on every rank
         evaluator.run()
     best = float(evaluator.state.best_metric)
     logger.info(f"best validation mean Dice {best:.4f}; model in {ckpt / 'model.pt'}")

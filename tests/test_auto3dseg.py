@@ -100,7 +100,8 @@ def test_fill_by_key_ct_regions_and_gpu_memory(tmp_path):
                                    str(algo))["hyper_parameters.yaml"]
     summary = yaml.safe_load(stats.read_text())["stats_summary"]["image_foreground_stats"]["intensity"]
     assert filled["modality"] == "ct" and not filled["sigmoid"]
-    assert filled["intensity_bounds"] == [pytest.approx(summary["percentile_00_5"]), pytest.approx(summary["percentile_99_5"])]
+    bounds = [summary["percentile_00_5"], summary["percentile_99_5"]]
+    assert filled["intensity_bounds"] == pytest.approx(bounds)
     assert filled["roi_size"] == [28, 28, 28]  # no larger than the data, a multiple of the 7-token window x 4
     regions = [{"name": "core", "index": [2]}, {"name": "whole", "index": [1, 2]}]
     on_gpu = fill_hyper_parameters(str(stats), str(_source(tmp_path / "data", datalist, "mri", class_names=regions)),
@@ -135,3 +136,28 @@ def test_bad_data_stops_generation_with_a_clear_message(tmp_path, damage, error,
         generator.generate(str(tmp_path / "out"), num_fold=1)
     if damage == "missing_label":
         assert str(data / "lab1.nii.gz") in str(raised.value)
+
+
+def test_template_training_under_torchrun_with_gloo(tmp_path):
+    """Auto3DSeg's multi-GPU mode launches scripts/train.py with torchrun; on CPU the ranks use gloo."""
+    import subprocess
+
+    from monai.apps.auto3dseg import BundleGen
+
+    data = tmp_path / "data"
+    datalist = _dataset(data, shape=(32, 32, 32))
+    stats = _stats(data, datalist)
+    BundleGen(algo_path=str(tmp_path / "templates"), algos={"qtunet": dict(
+        _target_="qtunet.scripts.algo.QtunetAlgo", template_path=str(TEMPLATES))},
+        data_stats_filename=str(stats), data_src_cfg_name=str(_source(data, datalist))).generate(
+        str(tmp_path / "out"), num_fold=1)
+    algo = tmp_path / "out" / "qtunet_0"
+    configs = ",".join(str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                           "--nproc_per_node=2", str(algo / "scripts" / "train.py"), "run", f"--config_file={configs}",
+                           "--num_epochs=1", "--num_epochs_per_validation=1"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    progress = yaml.safe_load((algo / "model" / "progress.yaml").read_text())
+    assert len(progress) == 1 and 0.0 <= progress[0]["best_avg_dice_score"] <= 1.0
+    assert (algo / "model" / "model.pt").is_file()
