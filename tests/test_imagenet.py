@@ -53,7 +53,8 @@ def test_2d_copies_swin_exactly(official):
     net = QTUNet(3, 20, spatial_dims=2, variant="base")
     converted = swin_to_qtunet(state, net)
     assert torch.equal(converted["patch_embed.proj.weight"], flat["patch_embed.proj.weight"])
-    assert torch.equal(converted["encoder_stages.2.blocks.1.attn.qkv.weight"], flat["layers.2.blocks.1.attn.qkv.weight"])
+    qkv = "attn.qkv.weight"
+    assert torch.equal(converted[f"encoder_stages.2.blocks.1.{qkv}"], flat[f"layers.2.blocks.1.{qkv}"])
     assert torch.equal(converted["encoder_stages.0.blocks.0.attn.relative_position_bias_table"],
                        flat["layers.0.blocks.0.attn.relative_position_bias_table"])
     assert torch.equal(converted["bottleneck.blocks.0.mlp.linear2.weight"], flat["layers.3.blocks.0.mlp.fc2.weight"])
@@ -62,7 +63,8 @@ def test_2d_copies_swin_exactly(official):
     # the merging layer computes exactly Swin's
     down = "layers.0.downsample" if official else "layers.1.downsample"
     x = torch.randn(2, 8, 8, C)
-    expected = swin_merge_2d(x, flat[f"{down}.norm.weight"], flat[f"{down}.norm.bias"], flat[f"{down}.reduction.weight"])
+    expected = swin_merge_2d(x, flat[f"{down}.norm.weight"], flat[f"{down}.norm.bias"],
+                             flat[f"{down}.reduction.weight"])
     assert torch.allclose(net.merges[0](x), expected, atol=1e-4)
 
 
@@ -87,7 +89,8 @@ def test_3d_inflation_reproduces_2d_on_depth_constant_input():
         assert torch.allclose(merged, expected, atol=1e-4)
     table = net.encoder_stages[0].blocks[0].attn.relative_position_bias_table
     assert table.shape == (13**3, 3)
-    assert torch.equal(table[(4 * 13 + 9) * 13 + 2], state["layers.0.blocks.0.attn.relative_position_bias_table"][4 * 13 + 9])
+    table_2d = state["layers.0.blocks.0.attn.relative_position_bias_table"]
+    assert torch.equal(table[(4 * 13 + 9) * 13 + 2], table_2d[4 * 13 + 9])
 
 
 def test_load_from_file_reports_and_refuses_wrong_width(tmp_path):
