@@ -108,33 +108,16 @@ def _config_files(config_file) -> list[str]:
 
 def _check_datalist(source: dict) -> None:
     """Stop generation with a clear message on an empty data list or missing / unreadable files."""
-    from .bundle import check_cases
+    from .bundle import DataError, check_cases, load_datalist
 
-    path = Path(source["datalist"])
-    datalist = json.loads(path.read_text()) if path.is_file() else None
-    if not datalist or not datalist.get("training"):
-        raise TemplateError(f"data list {path} has no 'training' cases: nothing to train the qtunet algorithm on.")
-    root = Path(source.get("dataroot", path.parent))
-
-    def resolve(value):
-        if isinstance(value, list):
-            return [resolve(v) for v in value]
-        return str(value if Path(value).is_absolute() else root / value)
-
-    items = [{k: resolve(v) for k, v in item.items() if k in ("image", "label")} for item in datalist["training"]]
+    try:
+        items = load_datalist(str(source["datalist"]), "training", base_dir=source.get("dataroot"))
+    except DataError as e:
+        raise TemplateError(f"{e} Nothing to train the qtunet algorithm on.") from e
     missing = [i["image"] for i in items if "label" not in i]
     if missing:
-        raise TemplateError(f"training cases without a label in {path}: {missing[:5]}")
-    first = items[0]["image"]
-    channels = len(first) if isinstance(first, list) else None
-    try:
-        from .bundle.datalist import _header
-
-        shape = _header(first[0] if isinstance(first, list) else first)[0]
-        channels = channels or (shape[3] if len(shape) > 3 else 1)
-    except (OSError, FileNotFoundError):
-        channels = channels or 1  # check_cases below names the file
-    check_cases(items, channels, check_values=False)
+        raise TemplateError(f"training cases without a label in {source['datalist']}: {missing[:5]}")
+    check_cases(items, in_channels=None, check_values=False)  # channels come from the statistics
 
 
 def load_config(config_file, **override):

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from fastapi import HTTPException
+from monai.transforms import CopyItemsd, DeleteItemsd
 from monailabel.datastore.local import LocalDatastore
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
@@ -46,26 +47,16 @@ def resolve_bundles(models: str, search: Path = REPO_BUNDLES) -> dict[str, str]:
     return found
 
 
-class _SetAside:
-    """Move ``key`` out of (``restore=False``) or back into (``restore=True``) the data dictionary."""
-
-    def __init__(self, key: str, restore: bool) -> None:
-        self.key, self.restore = key, restore
-
-    def __call__(self, data: dict) -> dict:
-        d = dict(data)
-        src, dst = (_STASH, self.key) if self.restore else (self.key, _STASH)
-        if src in d:
-            d[dst] = d.pop(src)
-        return d
+def _move(source: str, target: str) -> list:
+    """MONAI transforms moving ``source`` to ``target`` in the data dictionary (nothing if absent)."""
+    return [CopyItemsd(source, names=target, allow_missing_keys=True), DeleteItemsd(source)]
 
 
 class QTUNetInferTask(BundleInferTask):
     """A bundle's ``inference.json`` served by MONAI Label, with ``image_path`` kept away from ``Spacingd``."""
 
     def pre_transforms(self, data=None):
-        return [_SetAside("image_path", restore=False), *super().pre_transforms(data),
-                _SetAside("image_path", restore=True)]
+        return [*_move("image_path", _STASH), *super().pre_transforms(data), *_move(_STASH, "image_path")]
 
 
 class QTUNetTrainTask(BundleTrainTask):
@@ -80,10 +71,10 @@ class QTUNetTrainTask(BundleTrainTask):
 
 def _readable(path: str, name: str) -> None:
     """Raise HTTP 400 unless ``path`` opens as an image (NIfTI through nibabel, 2D through Pillow)."""
-    from .bundle.datalist import _header
+    from .bundle.datalist import image_shape
 
     try:
-        shape = _header(path)[0]
+        shape = image_shape(path)
     except (OSError, FileNotFoundError) as e:
         raise HTTPException(status_code=400, detail=f"{name}: not a readable image ({e}).") from e
     if len(shape) < 2 or min(shape) < 1:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "load_datalist", "check_cases"]
+__all__ = ["DataError", "load_datalist", "check_cases", "image_shape"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _load(path: str) -> tuple[tuple[int, ...], np.ndarray]:
 
 def check_cases(
     items: Sequence[dict],
-    in_channels: int,
+    in_channels: int | None,
     num_classes: int | None = None,
     label_values: Sequence[int] | None = None,
     check_values: bool = True,
@@ -91,7 +91,8 @@ def check_cases(
 
     Args:
         items: cases with ``image`` (a file or a list of per-channel files) and optionally ``label``.
-        in_channels: channels the network expects (a 4-d image's last axis, or the number of files).
+        in_channels: channels the network expects (a 4-d image's last axis, or the number of files);
+            None skips the channel check.
         num_classes: labels must lie in ``[0, num_classes)``; ignored when ``label_values`` is given.
         label_values: the exact label values allowed (e.g. BraTS' 0, 1, 2, 4).
         check_values: also read the voxels (NaN/inf intensities, label values); headers only if False.
@@ -120,7 +121,7 @@ def check_cases(
             channels += shape[spatial_dims] if len(shape) > spatial_dims else 1
             if data is not None and not np.isfinite(data).all():
                 problems.append(f"{file}: image contains NaN or infinite intensities")
-        if channels and channels != in_channels:
+        if in_channels is not None and channels and channels != in_channels:
             problems.append(f"{images[0]}: {channels} image channel(s), but the network expects {in_channels}")
         label = item.get("label")
         if label is None:
@@ -154,6 +155,16 @@ def _open(path: str, check_values: bool, problems: list[str]):
     except OSError as e:
         problems.append(f"{path}: {e}")
     return None
+
+
+def image_shape(path: str) -> tuple[int, ...]:
+    """An image file's shape from its header: ``(x, y, z[, c])`` for NIfTI, ``(h, w[, c])`` for 2D files.
+
+    Raises:
+        FileNotFoundError: no such file.
+        OSError: the file is not a readable image (the message says why).
+    """
+    return _header(path)[0]
 
 
 def _header(path: str) -> tuple[tuple[int, ...], None]:

@@ -352,33 +352,42 @@ def inference_config(task: Task) -> dict:
     return config
 
 
-def multi_gpu_config(task: Task) -> dict:
-    return {
+def _distributed_overlay(config: dict, section: str, rank0_saves: list[str]) -> dict:
+    """The torchrun overlay for a single-process ``config`` whose trainer is ``<section>#trainer``:
+    DDP, distributed samplers, logging and checkpoint writing on rank 0 only, and the config's own
+    ``initialize`` after joining the process group (NCCL on GPU, gloo on CPU)."""
+    overlay = {
         "device": "$torch.device(f'cuda:{dist.get_rank()}') if torch.cuda.is_available() else torch.device('cpu')",
         "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
                     "device_ids": "$[@device] if torch.cuda.is_available() else None"},
-        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
-                          "shuffle": True},
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
-        "train#trainer#train_handlers": "$@train#handlers[: -3 if dist.get_rank() > 0 else None]",
-        "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
-                             "even_divisible": False, "shuffle": False},
-        "validate#dataloader#sampler": "@validate#sampler",
-        "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
-        "resume_checkpoint#save": "$dist.get_rank() == 0",
-        "initialize": [
-            "$import torch.distributed as dist",
-            "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
-            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            "$monai.utils.set_determinism(seed=123)",
-            "$qtunet_bundle.load_imagenet_swin(@network, @imagenet_checkpoint) if @imagenet_init else None",
-            "$qtunet_bundle.load_pretrained(@network, @finetune_checkpoint) if @finetune else None",
-            "$@resume_checkpoint.attach(@train#trainer)",
-        ],
-        "run": ["$@train#trainer.run()"],
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+        f"{section}#sampler": {"_target_": "DistributedSampler", "dataset": f"@{section}#dataset",
+                               "even_divisible": True, "shuffle": True},
+        f"{section}#dataloader#sampler": f"@{section}#sampler",
+        f"{section}#dataloader#shuffle": False,
+        # the section's handlers end with the three logging ones
+        f"{section}#trainer#train_handlers": f"$@{section}#handlers[: -3 if dist.get_rank() > 0 else None]",
     }
+    if "validate" in config:
+        overlay.update({
+            "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
+                                 "even_divisible": False, "shuffle": False},
+            "validate#dataloader#sampler": "@validate#sampler",
+            "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
+        })
+    overlay.update({f"{key}#save": "$dist.get_rank() == 0" for key in rank0_saves})
+    overlay["initialize"] = [
+        "$import torch.distributed as dist",
+        "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
+        "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+        *config["initialize"],
+    ]
+    overlay["run"] = config["run"]
+    overlay["finalize"] = ["$dist.is_initialized() and dist.destroy_process_group()"]
+    return overlay
+
+
+def multi_gpu_config(task: Task) -> dict:
+    return _distributed_overlay(train_config(task), "train", ["resume_checkpoint"])
 
 
 def pretrain_config(task: Task) -> dict:
@@ -458,29 +467,7 @@ def pretrain_config(task: Task) -> dict:
 
 
 def multi_gpu_pretrain_config(task: Task) -> dict:
-    return {
-        "device": "$torch.device(f'cuda:{dist.get_rank()}') if torch.cuda.is_available() else torch.device('cpu')",
-        "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
-                    "device_ids": "$[@device] if torch.cuda.is_available() else None"},
-        "pretrain#sampler": {"_target_": "DistributedSampler", "dataset": "@pretrain#dataset", "even_divisible": True,
-                             "shuffle": True},
-        "pretrain#dataloader#sampler": "@pretrain#sampler",
-        "pretrain#dataloader#shuffle": False,
-        "pretrain#trainer#train_handlers": "$@pretrain#handlers[: -3 if dist.get_rank() > 0 else None]",
-        "resume_checkpoint#save": "$dist.get_rank() == 0",
-        "encoder_saver#save": "$dist.get_rank() == 0",
-        "initialize": [
-            "$import torch.distributed as dist",
-            "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
-            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            "$monai.utils.set_determinism(seed=123)",
-            "$@resume_checkpoint.attach(@pretrain#trainer)",
-            "$@collapse_monitor.attach(@pretrain#trainer)",
-            "$@encoder_saver.attach(@pretrain#trainer)",
-        ],
-        "run": ["$@pretrain#trainer.run()"],
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
-    }
+    return _distributed_overlay(pretrain_config(task), "pretrain", ["resume_checkpoint", "encoder_saver"])
 
 
 def metadata(task: Task) -> dict:
@@ -717,12 +704,20 @@ names the epoch. The thesis' Base model collapsed on CT-SSL unnoticed; this is w
 
 
 # --------------------------------------------------------------------------------------------- writing
+def _holds_objects(value) -> bool:
+    """A non-empty list or dict whose first element is itself an object (a transform list, a sub-config)."""
+    if not isinstance(value, (dict, list)) or not value:
+        return False
+    first = value[0] if isinstance(value, list) else next(iter(value.values()))
+    return isinstance(first, dict)
+
+
 def _dumps(value, indent: int = 0, width: int = 118) -> str:
-    """JSON with one short object or list per line, so transform lists read like pipelines."""
+    """JSON with one short object or list per line, so transform lists read like pipelines: a value
+    stays on one line when it fits and is not an object holding lists of objects."""
     flat = json.dumps(value)
-    if not isinstance(value, (dict, list)) or len(flat) + indent <= width and not (
-            isinstance(value, dict) and any(isinstance(v, (dict, list)) and v and isinstance(
-                v[0] if isinstance(v, list) else next(iter(v.values())), dict) for v in value.values())):
+    nested = isinstance(value, dict) and any(_holds_objects(v) for v in value.values())
+    if not isinstance(value, (dict, list)) or (len(flat) + indent <= width and not nested):
         return flat
     pad, inner = " " * indent, " " * (indent + 4)
     if isinstance(value, list):

@@ -45,22 +45,18 @@ class SSLTrainer(SupervisedTrainer):
         self.base_momentum = base_momentum
         self.optimizer_steps = 0
 
-    def _total_steps(self, engine: Engine) -> int:
-        per_epoch = math.ceil(engine.state.epoch_length / self.accumulation_steps)
-        return per_epoch * engine.state.max_epochs
-
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:  # noqa: D401 (ignite's hook)
         missing = [k for k in BATCH_KEYS if k not in batchdata]
         if missing:
             raise ValueError(f"a pre-training batch needs {BATCH_KEYS} (made by qtunet_monai.ssl.TwoViewsd); "
                              f"missing {missing}.")
         batch = {k: batchdata[k].to(engine.state.device, non_blocking=engine.non_blocking) for k in BATCH_KEYS}
-        local = (engine.state.iteration - 1) % engine.state.epoch_length + 1  # 1-based within the epoch
-        first_of_step = (local - 1) % self.accumulation_steps == 0
-        last_of_step = local % self.accumulation_steps == 0 or local == engine.state.epoch_length
-        # micro-batches at the end of an epoch may be fewer than accumulation_steps
-        group = min(self.accumulation_steps, engine.state.epoch_length - (local - 1) // self.accumulation_steps
-                    * self.accumulation_steps)
+        # micro-batch i of the epoch belongs to optimiser step i // k; the epoch's last step may be short
+        k, length = self.accumulation_steps, engine.state.epoch_length
+        i = (engine.state.iteration - 1) % length
+        group_start = i - i % k
+        group = min(k, length - group_start)
+        first_of_step, last_of_step = i == group_start, i == group_start + group - 1
         engine.network.train()
         if first_of_step:
             engine.optimizer.zero_grad(set_to_none=True)
@@ -79,17 +75,16 @@ class SSLTrainer(SupervisedTrainer):
                 engine.scaler.update()
             else:
                 engine.optimizer.step()
-            # this is step k (0-based) of K, counted from the engine's state so that a resumed run continues
-            # the schedule: momentum goes from base towards 1, never exactly 1 while training
-            per_epoch = math.ceil(engine.state.epoch_length / self.accumulation_steps)
-            step = (engine.state.epoch - 1) * per_epoch + (local - 1) // self.accumulation_steps
+            # step number from the engine's state, so a resumed run continues BYOL's momentum schedule
+            # (from base towards 1, never exactly 1 while training)
+            per_epoch = math.ceil(length / k)
+            step = (engine.state.epoch - 1) * per_epoch + i // k
             model: QTUNetSSL = _unwrap(engine.network)
-            model.update_target(byol_momentum(self.base_momentum, step, self._total_steps(engine)))
+            model.update_target(byol_momentum(self.base_momentum, step, per_epoch * engine.state.max_epochs))
             self.optimizer_steps += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["collapse"] = float(collapse_signal(outputs["projection"]))
         return out
-
 
 
 class CollapseMonitor:
