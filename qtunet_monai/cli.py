@@ -10,6 +10,7 @@ Commands:
     fake_data     a tiny fake data set in a task's official layout (BraTS, BTCV, MSD, CityScapes).
     prepare_data  a task's official download -> the bundle's data list.
     generate_bundles  (re)write bundles/ from qtunet_monai/tasks.py; --check compares.
+    explain  attention maps, rollout and attention distance of a trained bundle; Dice change of ablated blocks.
 """
 
 from __future__ import annotations
@@ -240,8 +241,70 @@ def generate_bundles(check: bool = False, root: str | None = None) -> None:
     print(f"{len(write_bundles(folder))} files written under {folder}")
 
 
+def explain(
+    bundle_dir: str,
+    image: str | None = None,
+    voxel: str | tuple | None = None,
+    out_dir: str | None = None,
+    ablate: str | tuple | None = None,
+    split: str = "testing",
+    checkpoint: str = "models/model.pt",
+    figures_dir: str | None = None,
+) -> None:
+    """Look inside a trained QT-UNet bundle (see qtunet_monai.explain).
+
+    With ``--image`` and ``--voxel``: per decoder stage, block and head the cross-attention weights of
+    the voxel's query, the self-attention maps of every block, attention rollout through the encoder
+    (NIfTI in the image's grid and affine, PNG figures), and the mean attention distance in mm per block
+    and head (CSV and PNG). With ``--ablate``: Dice on the ``split`` cases as trained and with each listed
+    ablation (blocks' attention replaced by the identity/skip), as a table and ``ablation.json``.
+
+    Args:
+        bundle_dir: the trained bundle.
+        image: a NIfTI volume to explain.
+        voxel: output voxel ``x,y,z`` (array indices of ``image``) or a box ``x0:x1,y0:y1,z0:z1``.
+        out_dir: where the files go; default ``<bundle_dir>/eval/explain``.
+        ablate: comma-separated blocks to ablate one at a time, e.g.
+            ``decoder.stage1.cross,decoder.stage2.cross``; join with ``+`` to ablate together.
+        split: data-list split (with labels) for the ablation Dice.
+        checkpoint: the weights, relative to the bundle.
+        figures_dir: also copy ``cross_attention.png`` and ``attention_distance.png`` here (e.g. docs/).
+    """
+    import shutil
+    from pathlib import Path
+
+    from .explain import ablation_dice, explain_image, format_ablation_table, load_bundle_network
+
+    if image is None and ablate is None:
+        raise ValueError("give --image and --voxel (attention maps), --ablate (Dice change), or both.")
+    out = Path(out_dir) if out_dir else Path(bundle_dir) / "eval" / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    if image is not None:
+        if voxel is None:
+            raise ValueError("--image needs --voxel x,y,z (or a box x0:x1,y0:y1,z0:z1).")
+        if not Path(image).is_file():
+            raise ValueError(f"image {image} does not exist.")
+        network, parser = load_bundle_network(bundle_dir, checkpoint)
+        summary = explain_image(network, image, voxel, str(out), parser.get_parsed_content("preprocessing"),
+                                device=parser.get_parsed_content("device"))
+        print(f"attention maps of {summary['voxel']} (predicted class {summary['predicted_class_at_voxel']}) "
+              f"written under {out}")
+        if figures_dir:
+            Path(figures_dir).mkdir(parents=True, exist_ok=True)
+            for name in ("cross_attention.png", "attention_distance.png"):
+                shutil.copyfile(out / name, Path(figures_dir) / name)
+            print(f"figures copied to {figures_dir}")
+    if ablate is not None:
+        specs = [s.strip() for s in ablate.split(",")] if isinstance(ablate, str) else [str(s) for s in ablate]
+        rows = ablation_dice(bundle_dir, specs, split=split, checkpoint=checkpoint)
+        (out / "ablation.json").write_text(json.dumps(rows, indent=1))
+        print(f"Dice on the '{split}' cases with attention blocks ablated:")
+        print(format_ablation_table(rows))
+
+
 COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report,
-            "fake_data": fake_data, "prepare_data": prepare_data, "generate_bundles": generate_bundles}
+            "fake_data": fake_data, "prepare_data": prepare_data, "generate_bundles": generate_bundles,
+            "explain": explain}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,4 +317,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "generate_bundles",
-           "main"]
+           "explain", "main"]

@@ -1,0 +1,115 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""PNG figures of attention maps (three orthogonal slices through the chosen voxel, the image
+underneath) and of the mean attention distance per block and head. Needs matplotlib (``[demo]`` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["distance_figure", "slice_figure"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # an optional dependency
+        raise ImportError("the explain figures need matplotlib: pip install 'qtunet_monai[demo]'.") from e
+    return plt
+
+
+def _slices(volume: np.ndarray, voxel: Sequence[int]) -> list[np.ndarray]:
+    """Sagittal, coronal and axial planes through ``voxel`` (array axes 0, 1, 2), rows = the later axis."""
+    i, j, k = voxel
+    return [volume[i, :, :].T, volume[:, j, :].T, volume[:, :, k].T]
+
+
+def _marks(voxel: Sequence[int]) -> list[tuple[int, int]]:
+    i, j, k = voxel
+    return [(j, k), (i, k), (i, j)]
+
+
+def _aspects(spacing: Sequence[float]) -> list[float]:
+    sx, sy, sz = spacing
+    return [sz / sy, sz / sx, sy / sx]
+
+
+def slice_figure(
+    image: np.ndarray,
+    maps: Sequence[np.ndarray],
+    titles: Sequence[str],
+    voxel: Sequence[int],
+    spacing: Sequence[float],
+    path: str,
+    panel_inches: float = 1.6,
+    dpi: int = 80,
+) -> None:
+    """One row per map: the map over the image in three orthogonal slices through ``voxel``, which is
+    marked with a cross. Each row is scaled to its own maximum (the weights of one query).
+
+    Args:
+        image: the input volume ``(X, Y, Z)`` (array axes of the file).
+        maps: volumes of the same shape.
+        titles: one per row.
+        voxel: the marked voxel (array indices).
+        spacing: voxel size per axis, for the aspect ratio.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    rows = len(maps)
+    fig, axes = plt.subplots(rows, 3, figsize=(3 * panel_inches, rows * panel_inches + 0.2), squeeze=False)
+    image_planes = _slices(image, voxel)
+    for row, (volume, title) in enumerate(zip(maps, titles)):
+        peak = float(volume.max()) or 1.0
+        for col, (plane, base, mark, aspect) in enumerate(
+            zip(_slices(volume, voxel), image_planes, _marks(voxel), _aspects(spacing))
+        ):
+            ax = axes[row, col]
+            ax.imshow(base, cmap="gray", origin="lower", aspect=aspect)
+            overlay = np.ma.masked_less_equal(plane, 0.02 * peak)
+            ax.imshow(overlay, cmap="hot", origin="lower", aspect=aspect, alpha=0.65, vmin=0, vmax=peak)
+            ax.plot(*mark, marker="+", color="cyan", markersize=8, markeredgewidth=1.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(title, fontsize=7)
+    for col, plane in enumerate(("sagittal", "coronal", "axial")):
+        axes[0, col].set_title(plane, fontsize=8)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def distance_figure(rows: Sequence[dict], path: str, dpi: int = 80) -> None:
+    """Mean attention distance (mm) per block: one dot per head, a bar for the mean over heads.
+
+    Args:
+        rows: ``{"block", "head", "mean_distance_mm"}`` dicts in forward order.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    colours = {"encoder": "tab:blue", "bottleneck": "tab:purple", "attn": "tab:green", "cross": "tab:red"}
+
+    def colour(block: str) -> str:
+        if block.startswith("decoder"):
+            return colours[block.rsplit(".", 1)[1]]
+        return colours[block.split(".")[0]]
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    for x, block in enumerate(blocks):
+        values = [r["mean_distance_mm"] for r in rows if r["block"] == block]
+        ax.bar(x, float(np.mean(values)), color=colour(block), alpha=0.35)
+        ax.scatter([x] * len(values), values, s=8, color=colour(block))
+    ax.set_xticks(range(len(blocks)))
+    ax.set_xticklabels([b.replace("decoder.", "dec.").replace("encoder.", "enc.").replace("block", "b")
+                        for b in blocks], rotation=70, fontsize=7)
+    ax.set_ylabel("mean attention distance (mm)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in colours.values()]
+    ax.legend(handles, ["encoder", "bottleneck", "decoder self", "decoder cross"], fontsize=7, loc="upper left")
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -1,0 +1,371 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Explain one image with a trained QT-UNet, and measure what ablating attention blocks costs on a
+bundle's data: the files behind ``python -m qtunet_monai explain``.
+
+Outputs of :func:`explain_image` (under ``out_dir``):
+
+- ``cross/<block>.nii.gz`` and ``.png``: per decoder cross-attention block, the weights of the chosen
+  voxel's (or region's) query token over the same-stage encoder tokens, one volume per head
+  (``X, Y, Z, heads``) in the input file's grid and affine; the PNG shows the head mean and each head;
+- ``self/<block>.nii.gz`` and ``.png``: the same for every self-attention block;
+- ``rollout.nii.gz`` and ``.png``: attention rollout through the encoder from the bottleneck token
+  of the voxel down to the input patches;
+- ``cross_attention.png``: all decoder cross-attention blocks, head mean, in one figure;
+- ``attention_distance.csv`` and ``.png``: mean attention distance in mm per block and head over the
+  whole image;
+- ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ablation import ablate
+from .figures import distance_figure, slice_figure
+from .maps import (
+    attention_rollout,
+    level_token_spacing,
+    mean_attention_distance,
+    query_attention_map,
+    tokens_to_voxels,
+    voxels_to_tokens,
+)
+from .recorder import AttentionRecorder
+from .sites import attention_sites, level_strides
+
+__all__ = [
+    "ablation_dice",
+    "attention_distance_table",
+    "explain_image",
+    "format_ablation_table",
+    "load_bundle_network",
+    "parse_voxels",
+]
+
+
+def parse_voxels(spec: str | Sequence) -> np.ndarray:
+    """``"60,72,40"`` (one voxel) or ``"50:54,60:64,40:41"`` (a box, ends excluded) -> ``(V, 3)`` array indices."""
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
+    ranges = []
+    for part in parts:
+        try:
+            if ":" in part:
+                start, stop = (int(v) for v in part.split(":"))
+            else:
+                start = int(part)
+                stop = start + 1
+        except ValueError:
+            message = f"voxel {spec!r}: each axis must be an integer index or start:stop, got {part!r}."
+            raise ValueError(message) from None
+        if stop <= start:
+            raise ValueError(f"voxel {spec!r}: empty range {part!r}.")
+        ranges.append(range(start, stop))
+    if len(ranges) != 3:
+        raise ValueError(f"voxel {spec!r}: give three axes, e.g. 60,72,40 or 50:54,60:64,40:41.")
+    return np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def _default_preprocessing():
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    return Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
+
+
+def _to_network_voxels(voxels: np.ndarray, input_affine: np.ndarray, network_affine: np.ndarray,
+                       network_shape: Sequence[int], image_file: str) -> torch.Tensor:
+    """Input-file voxel indices -> the nearest voxels of the preprocessed (network) grid."""
+    world = input_affine @ np.concatenate([voxels, np.ones((len(voxels), 1))], axis=1).T
+    network = np.rint((np.linalg.inv(network_affine) @ world)[:3].T).astype(int)
+    inside = np.all((network >= 0) & (network < np.asarray(network_shape)), axis=1)
+    if not inside.any():
+        raise ValueError(f"voxel(s) {voxels.tolist()[:4]} of {image_file} fall outside the image the network sees "
+                         f"(shape {tuple(network_shape)} after preprocessing).")
+    return torch.as_tensor(network[inside])
+
+
+class _InputSpace:
+    """The input file's grid, and the way back to it from the network's (preprocessed) grid."""
+
+    def __init__(self, image_file: str, network_image) -> None:
+        import nibabel as nib
+
+        try:
+            header = nib.load(image_file)
+        except Exception as e:
+            raise ValueError(f"cannot read {image_file} as NIfTI: {e}") from e
+        self.file = image_file
+        self.affine = np.asarray(header.affine, dtype=np.float64)
+        self.shape = tuple(int(s) for s in header.shape[:3])
+        self.spacing = tuple(float(z) for z in header.header.get_zooms()[:3])
+        self.network_affine = np.asarray(network_image.affine, dtype=np.float64)
+        self.network_image = network_image
+
+    def resample(self, volumes: torch.Tensor, mode: str = "nearest") -> np.ndarray:
+        """``(C, *network_shape)`` -> ``(C, *input_shape)`` in the input's grid (zero outside the network's view)."""
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        source = MetaTensor(volumes.float().cpu(), affine=torch.as_tensor(self.network_affine))
+        out = SpatialResample(mode=mode, padding_mode="zeros")(
+            source, dst_affine=torch.as_tensor(self.affine), spatial_size=self.shape
+        )
+        return np.asarray(out.detach().cpu().numpy(), dtype=np.float32)
+
+    def save(self, array: np.ndarray, path: Path) -> None:
+        """``(C, X, Y, Z)`` -> a NIfTI ``(X, Y, Z, C)`` (``(X, Y, Z)`` for one channel) with the input's affine."""
+        import nibabel as nib
+
+        data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data.astype(np.float32), self.affine), str(path))
+
+
+def attention_distance_table(model: nn.Module, recorder: AttentionRecorder,
+                             voxel_spacing: Sequence[float]) -> list[dict]:
+    """Mean attention distance in physical units per recorded block and head, in forward order."""
+    rows = []
+    for name, capture in recorder.captures.items():
+        spacing = level_token_spacing(model, capture.site.level, voxel_spacing)
+        for head, value in enumerate(mean_attention_distance(capture, spacing).tolist()):
+            rows.append({"block": name, "level": capture.site.level, "head": head, "mean_distance_mm": value})
+    return rows
+
+
+@torch.no_grad()
+def explain_image(
+    model: nn.Module,
+    image_file: str,
+    voxel: str | Sequence,
+    out_dir: str,
+    preprocessing=None,
+    device: str | torch.device = "cpu",
+    figures: bool = True,
+) -> dict:
+    """Write attention maps, rollout and attention distance of ``model`` for ``image_file`` (see the module doc).
+
+    Args:
+        model: a (trained) 3D :class:`~qtunet_monai.networks.QTUNet`; fused attention works as is.
+        image_file: a NIfTI volume.
+        voxel: the output voxel (``"x,y,z"`` array indices of the file) or a box (``"x0:x1,y0:y1,z0:z1"``).
+        out_dir: where the files go.
+        preprocessing: dict transform mapping ``{"image": path}`` to the network's input (a bundle's
+            inference preprocessing); default: load and channel-first only.
+        device: where to run the network.
+        figures: also write the PNG figures.
+
+    Returns:
+        the summary also written to ``summary.json``.
+    """
+    if getattr(model, "spatial_dims", 3) != 3:
+        raise ValueError("explain_image writes NIfTI volumes and needs a 3D network; use the explain.maps functions "
+                         "directly for 2D.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = (preprocessing or _default_preprocessing())({"image": str(image_file)})
+    network_image = data["image"]
+    space = _InputSpace(str(image_file), network_image)
+    network_shape = tuple(network_image.shape[1:])
+    query_voxels = _to_network_voxels(parse_voxels(voxel), space.affine, space.network_affine, network_shape,
+                                      str(image_file))
+
+    model = model.eval().to(device)
+    with AttentionRecorder(model, list(attention_sites(model))) as recorder:
+        logits = model(torch.as_tensor(network_image)[None].float().to(device))
+    strides = level_strides(model)
+
+    def query_tokens(capture):
+        return voxels_to_tokens(query_voxels.to(device), strides[capture.site.level], capture.geometry.spatial_shape)
+
+    background = np.asarray(_first_channel(image_file), dtype=np.float32)
+    center = [int(v) for v in np.median(parse_voxels(voxel), axis=0).round()]
+    files = {}
+    cross_maps, cross_titles = [], []
+    for name, capture in recorder.captures.items():
+        token_map = query_attention_map(capture, query_tokens(capture))  # (heads, *tokens)
+        volume = space.resample(tokens_to_voxels(token_map, strides[capture.site.level], network_shape))
+        folder = "cross" if capture.site.cross else "self"
+        path = out / folder / f"{name}.nii.gz"
+        space.save(volume, path)
+        files[name] = str(path)
+        mean = volume.mean(0)
+        if capture.site.cross:
+            cross_maps.append(mean)
+            cross_titles.append(name.replace("decoder.", ""))
+        if figures:
+            titles = ["mean of heads"] + [f"head {h}" for h in range(volume.shape[0])]
+            figure = str(path).replace(".nii.gz", ".png")
+            slice_figure(background, [mean, *volume], titles, center, space.spacing, figure)
+
+    bottleneck = recorder.captures[[n for n in recorder.captures if n.startswith("bottleneck")][-1]]
+    rollout = attention_rollout(model, recorder.captures, query_tokens(bottleneck))  # (1, *stage1 tokens)
+    rollout_volume = space.resample(tokens_to_voxels(rollout, strides[0], network_shape))
+    space.save(rollout_volume, out / "rollout.nii.gz")
+
+    from monai.data.utils import affine_to_spacing
+
+    network_spacing = [float(s) for s in affine_to_spacing(torch.as_tensor(space.network_affine), r=3)]
+    distances = attention_distance_table(model, recorder, network_spacing)
+    with open(out / "attention_distance.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["block", "level", "head", "mean_distance_mm"])
+        writer.writeheader()
+        writer.writerows(distances)
+    if figures:
+        slice_figure(background, [rollout_volume[0]], ["rollout (encoder)"], center, space.spacing,
+                     str(out / "rollout.png"))
+        if cross_maps:
+            slice_figure(background, cross_maps, cross_titles, center, space.spacing, str(out / "cross_attention.png"))
+        distance_figure(distances, str(out / "attention_distance.png"))
+
+    predicted = logits[0].argmax(0)[tuple(query_voxels[0].tolist())]
+    summary = {
+        "image": str(image_file),
+        "voxel": str(voxel) if isinstance(voxel, str) else ",".join(str(v) for v in voxel),
+        "network_voxels": len(query_voxels),
+        "network_shape": list(network_shape),
+        "network_spacing_mm": network_spacing,
+        "predicted_class_at_voxel": int(predicted),
+        "maps": files,
+        "rollout": str(out / "rollout.nii.gz"),
+        "attention_distance": str(out / "attention_distance.csv"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _first_channel(image_file: str) -> np.ndarray:
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(image_file).dataobj)
+    return data if data.ndim == 3 else data.reshape(*data.shape[:3], -1)[..., 0]
+
+
+def _bundle_parser(bundle_dir: str, config: str):
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_dir)
+    config_file = root / "configs" / config
+    if not config_file.is_file():
+        raise ValueError(f"{root} is not a bundle: {config_file} does not exist.")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    meta = root / "configs" / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))
+    parser["bundle_root"] = str(root)
+    return parser
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``relative`` resolved inside ``root``; anything that escapes it is refused."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{relative!r} points outside the bundle {root}; give a path inside it.")
+    return path
+
+
+def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", config: str = "inference.json"):
+    """The bundle's network with its trained weights, and the parsed config.
+
+    Args:
+        bundle_dir: the bundle folder.
+        checkpoint: the weights, relative to the bundle (a plain state dict, as the bundle's training writes).
+        config: the config whose ``network_def`` builds the network.
+    """
+    parser = _bundle_parser(bundle_dir, config)
+    network = parser.get_parsed_content("network_def")
+    path = _inside(Path(bundle_dir), checkpoint)
+    if not path.is_file():
+        raise ValueError(f"no trained weights at {path}: train the bundle first (see its docs/README.md).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read the checkpoint {path}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the network of {bundle_dir}/configs/{config}: {e}") from e
+    return network, parser
+
+
+def _class_names(parser, count: int) -> list[str]:
+    try:
+        channels = parser["_meta_"]["network_data_format"]["outputs"]["pred"]["channel_def"]
+        return [str(channels.get(str(i), f"class {i}")) for i in range(count)]
+    except (KeyError, TypeError):
+        return [f"class {i}" for i in range(count)]
+
+
+@torch.no_grad()
+def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testing",
+                  checkpoint: str = "models/model.pt", device: str | None = None) -> list[dict]:
+    """Dice of a trained bundle on one split of its data list, as trained and with each ablation.
+
+    Uses the bundle's validation pipeline from ``configs/train.json`` (preprocessing, sliding-window
+    inferer, post-processing) and MONAI's ``DiceMetric`` without background, in the preprocessed grid.
+
+    Args:
+        bundle_dir: the bundle folder (trained: ``models/model.pt``).
+        ablations: one entry per evaluation; an entry is a site spec (``decoder.stage2.cross``) or several
+            joined by ``+`` (ablated together).
+        split: data-list split with labels (``testing`` for the demo, ``validation`` otherwise).
+        checkpoint: the weights, relative to the bundle.
+        device: default: the bundle's device.
+
+    Returns:
+        one row per evaluation (the first is the trained network): ``ablation``, ``blocks``, ``mean_dice``,
+        ``delta_mean_dice`` and the Dice per class.
+    """
+    from monai.metrics import DiceMetric
+
+    network, parser = load_bundle_network(bundle_dir, checkpoint, config="train.json")
+    parser["validate"]["split"] = split
+    run_on = torch.device(device) if device else parser.get_parsed_content("device")
+    network = network.eval().to(run_on)
+    cases = parser.get_parsed_content("validate#datalist")
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    inferer = parser.get_parsed_content("validate#inferer")
+    postprocessing = parser.get_parsed_content("validate#postprocessing")
+    prepared = [preprocessing(case) for case in cases]
+    names = _class_names(parser, int(parser.get_parsed_content("num_classes")))
+
+    def dice() -> list[float]:
+        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        for item in prepared:
+            pred = inferer(item["image"][None].to(run_on), network)[0]
+            result = postprocessing({"pred": pred, "label": item["label"].to(run_on)})
+            metric(y_pred=result["pred"][None], y=result["label"][None])
+        return [float(v) for v in metric.aggregate()]
+
+    rows = []
+    for spec in [None, *ablations]:
+        if spec is None:
+            scores, blocks = dice(), []
+        else:
+            with ablate(network, [s for s in spec.split("+") if s]) as blocks:
+                scores = dice()
+        mean = float(np.nanmean(scores))
+        row = {"ablation": spec or "none", "blocks": blocks, "mean_dice": mean,
+               "delta_mean_dice": mean - rows[0]["mean_dice"] if rows else 0.0}
+        row.update({f"dice {name}": s for name, s in zip(names[-len(scores):], scores)})
+        rows.append(row)
+    return rows
+
+
+def format_ablation_table(rows: Sequence[dict]) -> str:
+    """Markdown table of :func:`ablation_dice` rows."""
+    classes = [k for k in rows[0] if k.startswith("dice ")]
+    lines = ["| ablated | mean Dice | change | " + " | ".join(k[5:] for k in classes) + " |",
+             "|---|---:|---:|" + "---:|" * len(classes)]
+    for row in rows:
+        values = " | ".join(f"{row[k]:.3f}" for k in classes)
+        lines.append(f"| {row['ablation']} | {row['mean_dice']:.3f} | {row['delta_mean_dice']:+.3f} | {values} |")
+    return "\n".join(lines)
