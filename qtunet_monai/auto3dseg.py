@@ -29,7 +29,9 @@ class TemplateError(ValueError):
 
 
 def _gpu_memory_gb() -> float:
-    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+    """The smallest visible GPU's memory (every process of a multi-GPU run gets one), 0 without a GPU."""
+    sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    return min(sizes) / 2**30 if sizes else 0.0
 
 
 def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_path: str, fold: int = 0,
@@ -39,11 +41,11 @@ def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_p
 
     - channels and classes from the statistics; overlapping regions (``class_names`` with ``index``
       lists in the data source config, e.g. BraTS) mean sigmoid outputs;
-    - spacing: the median voxel size; ROI: 96^3 on a GPU (56^3 on CPU), no larger than the median
-      image, a multiple of 28 (the 7-token window after the 4x embedding);
+    - spacing: the median voxel size;
     - intensity: CT clipped to the foreground's 0.5-99.5 percentiles and scaled to 0..1, MRI
       normalised channel-wise over non-zero voxels;
-    - variant and batch from the GPU's memory (tiny, batch 1 without a GPU).
+    - variant, ROI and batch from the GPU's memory (:func:`_size_for_memory`; tiny, 56^3 crops and batch 1
+      without a GPU), written with the memory they were chosen for (``gpu_memory_gb``).
 
     Raises:
         TemplateError: no labels, a single class, or files the data list names are missing.
@@ -66,14 +68,7 @@ def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_p
     spacing = [float(s) for s in stats["image_stats"]["spacing"]["median"]]
     median_shape = [int(s) for s in stats["image_stats"]["shape"]["median"]]
     memory = _gpu_memory_gb() if gpu_memory_gb is None else gpu_memory_gb
-    edge = 96 if memory > 0 else 56
-    roi = [max(28, min(edge, 28 * max(1, s // 28))) for s in median_shape]
-    if memory >= 70:
-        variant, batch = "base", 2
-    elif memory >= 40:
-        variant, batch = "small", 2
-    else:
-        variant, batch = "tiny", 1 if memory < 24 else 2
+    variant, roi, batch = _size_for_memory(memory, median_shape)
     fg = stats.get("image_foreground_stats", {}).get("intensity", {})
     values = {
         "fold": int(fold),
@@ -88,6 +83,7 @@ def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_p
         "variant": variant,
         "num_images_per_batch": batch,
         "amp": memory > 0,
+        "gpu_memory_gb": round(float(memory), 1),
     }
     path = Path(output_path) / "configs" / "hyper_parameters.yaml"
     config = yaml.safe_load(path.read_text())
@@ -97,6 +93,17 @@ def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_p
     config["data_list_file_path"] = str(source["datalist"])
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return {"hyper_parameters.yaml": values}
+
+
+def _size_for_memory(memory_gb: float, image_shape) -> tuple[str, list[int], int]:
+    """(variant, ROI, batch) for a GPU with ``memory_gb`` GiB (0: CPU): the variant by memory (base from 70 GB,
+    small from 40 GB, else tiny), then the crop and batch from QT-UNet's memory model
+    (:func:`qtunet_monai.memory.choose_batch_and_roi`)."""
+    from .memory import choose_batch_and_roi
+
+    variant = "base" if memory_gb >= 70 else "small" if memory_gb >= 40 else "tiny"
+    roi, batch = choose_batch_and_roi(memory_gb, variant, image_shape)
+    return variant, roi, batch
 
 
 def _config_files(config_file) -> list[str]:
@@ -184,14 +191,41 @@ def _fold_lists(parser) -> tuple[list[dict], list[dict]]:
     return train_files, val_files
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun (Auto3DSeg's multi-GPU mode)."""
-    import torch.distributed as dist
+def _device(parser) -> torch.device:
+    """This process's device from the ``device`` hyper-parameter (``auto``, ``cpu``, ``cuda``): on a GPU
+    machine ``cuda:<LOCAL_RANK>``, so that every node of a multi-node run uses its own GPUs."""
+    from .bundle import process_device
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world
+    return process_device(parser.get("device", "auto"))
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun (Auto3DSeg's multi-GPU mode),
+    NCCL on a GPU, gloo on the CPU (``device=cpu``)."""
+    from .bundle import init_distributed
+
+    return init_distributed(device)
+
+
+def _param_groups(parser, network) -> list[dict]:
+    """``weight_decay`` on weight matrices and kernels only (not on bias tables, norms, biases), as the bundles."""
+    from .bundle import param_groups
+
+    return param_groups(network, float(parser.get("weight_decay", 0.0)))
+
+
+def _load_pretrained(parser, network) -> dict | None:
+    """Initialise from ``pretrained_path`` (an SSL encoder file or a bundle's ``model.pt``) as the bundles'
+    ``--finetune`` does: loaded, missing and unexpected keys reported, mismatched shapes an error naming them;
+    ``pretrained_exclude`` key prefixes (e.g. ``classifier.`` of another task's model) are not loaded."""
+    from .bundle import load_pretrained
+
+    path = parser.get("pretrained_path")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise TemplateError(f"pretrained_path {path} is not a file.")
+    return load_pretrained(network, str(path), exclude=tuple(parser.get("pretrained_exclude") or ()))
 
 
 def _engines(parser, train_files, val_files):
@@ -202,11 +236,8 @@ def _engines(parser, train_files, val_files):
     from monai.losses import DiceLoss
     from monai.transforms import Activationsd, AsDiscreted, Compose
 
-    rank, world = _distributed()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = _device(parser)
+    rank, world = _distributed(device)
     network = parser.get_parsed_content("network").to(device)
     if world > 1:
         ids = [device] if device.type == "cuda" else None
@@ -225,7 +256,7 @@ def _engines(parser, train_files, val_files):
                               shuffle=train_sampler is None, sampler=train_sampler, num_workers=workers)
     val_loader = DataLoader(val_ds, batch_size=1, sampler=val_sampler, num_workers=workers)
     epochs = parser.get_parsed_content("num_epochs")
-    optimizer = torch.optim.Adam(network.parameters(), lr=parser.get_parsed_content("learning_rate"))
+    optimizer = torch.optim.Adam(_param_groups(parser, network), lr=parser.get_parsed_content("learning_rate"))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     post = [Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5)] if sigmoid else [
         Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)]
@@ -266,9 +297,10 @@ def train(config_file, **override) -> float:
     parser = load_config(config_file, **override)
     train_files, val_files = _fold_lists(parser)
     network, trainer, evaluator = _engines(parser, train_files, val_files)
+    _load_pretrained(parser, network)
     ckpt = Path(parser.get_parsed_content("ckpt_path"))
     ckpt.mkdir(parents=True, exist_ok=True)
-    rank, _ = _distributed()
+    rank, _ = _distributed(_device(parser))
     BestModelSaver(str(ckpt / "model.pt"), network, save=rank == 0).attach(evaluator)
     ResumeCheckpoint(str(ckpt / "resume.pt"), network, trainer.optimizer,
                      resume=bool(parser.get_parsed_content("resume")), save=rank == 0).attach(trainer)
@@ -317,7 +349,7 @@ class InferClass:
 
         override = {k: v for k, v in override.items() if k not in ("mode", "fold")}
         self.parser = load_config(config_file, **override)
-        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.device = _device(self.parser)
         self.network = self.parser.get_parsed_content("network").to(self.device).eval()
         weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
         self.network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))

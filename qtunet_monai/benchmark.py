@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .bundle.distributed import process_device
 from .networks import QTUNet
 
 __all__ = ["MODELS", "SCENARIOS", "build_model", "run_benchmark", "bench"]
@@ -199,9 +200,9 @@ def run_benchmark(
     for s in scenarios:
         if s not in SCENARIOS:
             raise ValueError(f"unknown scenario {s!r}; choose from {list(SCENARIOS)}.")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no GPU.")
+    dev = process_device(device)  # plain "cuda" is this process's GPU, cuda:<LOCAL_RANK>
     if peak_tflops is None and dev.type == "cuda":
         gpu = torch.cuda.get_device_name(dev)
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)

@@ -17,6 +17,7 @@ import yaml
 from qtunet_monai.auto3dseg import TemplateError, fill_hyper_parameters
 from qtunet_monai.bundle import DataError
 from qtunet_monai.data.msd import blob_label
+from qtunet_monai.memory import ACTIVATION_GB, MAX_BATCH, RESERVE_GB, choose_batch_and_roi, parameter_state_gb
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "algorithm_templates"
@@ -107,9 +108,73 @@ def test_fill_by_key_ct_regions_and_gpu_memory(tmp_path):
     on_gpu = fill_hyper_parameters(str(stats), str(_source(tmp_path / "data", datalist, "mri", class_names=regions)),
                                    str(algo), gpu_memory_gb=80)["hyper_parameters.yaml"]
     assert on_gpu["sigmoid"] and on_gpu["regions"] == [[2], [1, 2]] and on_gpu["output_classes"] == 2
-    assert on_gpu["variant"] == "base" and on_gpu["num_images_per_batch"] == 2 and on_gpu["amp"]
+    assert on_gpu["variant"] == "base" and on_gpu["amp"] and on_gpu["gpu_memory_gb"] == 80
+    assert on_gpu["roi_size"] == [28, 28, 28] and on_gpu["num_images_per_batch"] == MAX_BATCH  # small data, big card
+    written = yaml.safe_load((algo / "configs" / "hyper_parameters.yaml").read_text())
+    assert written["num_images_per_batch"] == MAX_BATCH and written["gpu_memory_gb"] == 80
     cpu = fill_hyper_parameters(str(stats), str(_source(tmp_path / "data", datalist)), str(algo), gpu_memory_gb=0)
     assert cpu["hyper_parameters.yaml"]["variant"] == "tiny" and not cpu["hyper_parameters.yaml"]["amp"]
+
+
+def test_batch_and_crop_scale_with_gpu_memory():
+    """160 x 160 x 128 volumes (the issue's H100 run): the batch grows with the card, the crop is the
+    thesis' 128^3 where a batch of 2 fits, and the chosen batch fits the memory model."""
+    from qtunet_monai.auto3dseg import _size_for_memory
+
+    shape = (160, 160, 128)
+    chosen = {gb: _size_for_memory(gb, shape) for gb in (0, 6, 16, 24, 80)}
+    assert chosen[0] == ("tiny", [56, 56, 56], 1)  # CPU
+    assert [chosen[gb][0] for gb in (6, 16, 24, 80)] == ["tiny", "tiny", "tiny", "base"]
+    assert chosen[6][1] == [96, 96, 96] and chosen[6][2] >= 2  # 128^3 does not take 2 on a 6 GB card
+    assert all(chosen[gb][1] == [128, 128, 128] for gb in (16, 24, 80))
+    batches = [chosen[gb][2] for gb in (16, 24, 80)]
+    assert batches == sorted(batches) and batches[0] >= 2 and batches[-1] == MAX_BATCH
+    for gb in (6, 16, 24):
+        variant, roi, batch = chosen[gb]
+        edge = roi[0]
+        need = RESERVE_GB + parameter_state_gb(variant) + batch * ACTIVATION_GB[(variant, edge)]
+        assert need <= gb < need + ACTIVATION_GB[(variant, edge)] or batch == MAX_BATCH
+    # an image smaller than the crop on one axis: that axis shrinks to a multiple of the 28-voxel window step
+    roi, batch = choose_batch_and_roi(16, "tiny", (200, 200, 60))
+    assert roi == [128, 128, 56] and batch > chosen[16][2]
+
+
+def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, caplog):
+    """An SSL encoder file or another task's model.pt, loaded and reported by load_pretrained."""
+    import torch
+
+    from qtunet_monai import QTUNet
+    from qtunet_monai.auto3dseg import _load_pretrained, _param_groups, load_config
+    from qtunet_monai.ssl import QTUNetSSL
+
+    algo = _template_copy(tmp_path)
+    configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
+    encoder = QTUNetSSL(1, (32, 32, 32), hidden_dim=16, projection_dim=8).encoder_state_dict()
+    torch.save(encoder, tmp_path / "pretrained.pt")
+    parser = load_config(configs, input_channels=1, output_classes=3, pretrained_path=str(tmp_path / "pretrained.pt"))
+    network = parser.get_parsed_content("network")
+    with caplog.at_level("INFO"):
+        report = _load_pretrained(parser, network)
+    assert set(report["loaded"]) == set(encoder) and not report["unexpected"]
+    assert any(k.startswith("decoder") for k in report["missing"]) and "initialised from" in caplog.text
+    own = network.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in encoder.items())
+
+    other_task = QTUNet(1, 5).state_dict()  # a bundle's model.pt trained on 5 classes
+    torch.save(other_task, tmp_path / "model.pt")
+    parser = load_config(configs, input_channels=1, output_classes=3, pretrained_path=str(tmp_path / "model.pt"))
+    with pytest.raises(ValueError, match="classifier"):
+        _load_pretrained(parser, parser.get_parsed_content("network"))
+    parser = load_config(configs, input_channels=1, output_classes=3, pretrained_path=str(tmp_path / "model.pt"),
+                         pretrained_exclude=["classifier."])
+    report = _load_pretrained(parser, parser.get_parsed_content("network"))
+    assert set(report["loaded"]) == {k for k in other_task if not k.startswith("classifier.")}
+    parser = load_config(configs, pretrained_path=str(tmp_path / "absent.pt"))
+    with pytest.raises(TemplateError, match="absent.pt is not a file"):
+        _load_pretrained(parser, network)
+    # the optimiser's groups: weight_decay on matrices, none on bias tables, norms and biases
+    groups = _param_groups(load_config(configs, weight_decay=1e-3), network)
+    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
 
 
 @pytest.mark.parametrize("damage, error, message", [
@@ -153,11 +218,19 @@ def test_template_training_under_torchrun_with_gloo(tmp_path):
         str(tmp_path / "out"), num_fold=1)
     algo = tmp_path / "out" / "qtunet_0"
     configs = ",".join(str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml"))
+    import torch
+
+    from qtunet_monai.ssl import QTUNetSSL
+
+    encoder = tmp_path / "pretrained.pt"
+    torch.save(QTUNetSSL(1, (32, 32, 32), hidden_dim=16, projection_dim=8).encoder_state_dict(), encoder)
+    # --device=cpu: gloo on the CPU even where GPUs are (two processes on a one-GPU machine would fail)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                            "--nproc_per_node=2", str(algo / "scripts" / "train.py"), "run", f"--config_file={configs}",
-                           "--num_epochs=1", "--num_epochs_per_validation=1"], capture_output=True, text=True,
-                          timeout=600)
+                           "--num_epochs=1", "--num_epochs_per_validation=1", "--device=cpu",
+                           f"--pretrained_path={encoder}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count(f"initialised from {encoder}") == 2  # every rank starts from the encoder
     progress = yaml.safe_load((algo / "model" / "progress.yaml").read_text())
     assert len(progress) == 1 and 0.0 <= progress[0]["best_avg_dice_score"] <= 1.0
     assert (algo / "model" / "model.pt").is_file()

@@ -12,8 +12,18 @@ from monai.data import DataLoader, Dataset
 
 from qtunet_monai import QTUNet
 from qtunet_monai.bundle import atomic_save, load_pretrained
-from qtunet_monai.ssl import CollapseMonitor, QTUNetSSL, SSLTrainer, TwoViewsd, byol_momentum, collapse_signal, \
-    rotate_axial
+from qtunet_monai.ssl import (
+    CollapseMonitor,
+    QTUNetSSL,
+    SSLEvaluator,
+    SSLTrainer,
+    TwoViewsd,
+    byol_momentum,
+    collapse_signal,
+    loss_jump,
+    rotate_axial,
+    split_validation,
+)
 from qtunet_monai.ssl.model import ENCODER_KEYS
 
 SMALL_HEADS = {"hidden_dim": 64, "projection_dim": 32}
@@ -136,6 +146,90 @@ def test_collapse_monitor_warns_naming_the_epoch(caplog):
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     assert any("epoch 1:" in w for w in warnings) and any("epoch 2:" in w for w in warnings)
     assert engine.state.metrics["collapse"] == pytest.approx(0.01)
+
+
+def _run_curve(curve: list[dict], caplog, iterations: int = 2) -> tuple[list[str], list[dict]]:
+    """A real Ignite engine whose iterations output the constructed per-epoch values, watched by the monitor;
+    returns the warnings and the monitor's metrics per epoch."""
+    from ignite.engine import Engine, Events
+
+    engine = Engine(lambda e, b: {"collapse": 1.0, **curve[e.state.epoch - 1]})
+    CollapseMonitor(threshold=0.1).attach(engine)
+    metrics = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: metrics.append(dict(e.state.metrics)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qtunet_monai.ssl.workflow"):
+        engine.run(list(range(iterations)), max_epochs=len(curve))
+    return [r.message for r in caplog.records if r.levelno == logging.WARNING], metrics
+
+
+def _curve(reconstruction, rotation, byol, spread=None):
+    spread = spread or [1.0] * len(reconstruction)
+    return [{"loss_reconstruction": a, "loss_rotation": b, "loss_byol": c, "collapse": d}
+            for a, b, c, d in zip(reconstruction, rotation, byol, spread)]
+
+
+def test_collapse_monitor_catches_the_thesis_loss_jump(caplog):
+    """Figure 5.1a of the thesis: every loss spikes mid-run; BYOL returns to its low level, the
+    reconstruction and rotation losses never recover. The monitor warns once BYOL is low again."""
+    recon = [0.50, 0.30, 0.20, 0.18, 0.90, 0.85, 0.80]
+    rot = [1.38, 0.90, 0.40, 0.30, 1.40, 1.39, 1.38]
+    byol = [3.00, 1.00, 0.50, 0.40, 2.50, 0.45, 0.40]
+    warnings, metrics = _run_curve(_curve(recon, rot, byol), caplog)
+    assert [m["loss_jump"] for m in metrics] == [0, 0, 0, 0, 0, 1, 1]
+    assert [w.split(":")[0] for w in warnings] == ["epoch 6", "epoch 7"]
+    assert "reconstruction and rotation losses jumped while the BYOL loss stayed low" in warnings[0]
+    assert all(m["collapse"] == 1.0 for m in metrics)  # the projections stayed spread: only the losses tell
+
+    healthy = _curve([0.5, 0.3, 0.32, 0.2], [1.38, 0.9, 0.95, 0.5], [3.0, 1.0, 1.1, 0.5])
+    warnings, metrics = _run_curve(healthy, caplog)
+    assert not warnings and not any(m["loss_jump"] for m in metrics)
+    # only one head's loss rising is not this collapse
+    assert not loss_jump({"loss_reconstruction": [0.2, 0.9], "loss_rotation": [0.3, 0.31], "loss_byol": [0.4, 0.4]})
+    # a loss near zero rising by noise is not a jump
+    assert not loss_jump({"loss_reconstruction": [0.01, 0.03], "loss_rotation": [0.01, 0.04], "loss_byol": [0.4, 0.4]})
+
+
+def test_collapse_monitor_catches_the_projection_spread_falling(caplog):
+    spread = [1.0, 0.9, 0.05, 0.02]
+    steady = [0.5, 0.4, 0.35, 0.3]
+    warnings, metrics = _run_curve(_curve(steady, steady, steady, spread), caplog)
+    assert [w.split(":")[0] for w in warnings] == ["epoch 3", "epoch 4"] and "spread" in warnings[0]
+    assert [m["collapse"] for m in metrics] == pytest.approx(spread)
+    assert not any(m["loss_jump"] for m in metrics)
+
+
+def test_validation_cases_are_held_out():
+    cases = [{"image": f"scan{i}.nii.gz"} for i in range(3597)]
+    train, val = split_validation(cases)
+    assert len(val) == 100 and len(train) == 3497  # the thesis' CT-SSL hold-out
+    assert not {c["image"] for c in train} & {c["image"] for c in val}
+    assert split_validation(cases) == (train, val)  # the same cases on every run and rank
+    assert [len(x) for x in split_validation(cases[:30])] == [27, 3]
+    assert [len(x) for x in split_validation(cases[:2])] == [1, 1]
+    assert [len(x) for x in split_validation(cases[:1])] == [1, 0]
+
+
+def test_validation_losses_on_held_out_cases_change_nothing():
+    from ignite.engine import Events
+
+    torch.manual_seed(0)
+    _, model = _trainer(accumulation=1, cases=2)
+    images = [{"image": torch.randn(1, 32, 32, 32)} for _ in range(3)]
+    loader = DataLoader(Dataset(images, TwoViewsd("image")), batch_size=1)
+    evaluator = SSLEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=model)
+    seen = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluator.run()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no step, no target move
+    metrics = evaluator.state.metrics
+    assert len(seen) == 3 and set(metrics) == {"val_loss", "val_loss_reconstruction", "val_loss_rotation",
+                                               "val_loss_byol"}
+    for key in metrics:
+        assert metrics[key] == pytest.approx(sum(o[key.removeprefix("val_")] for o in seen) / 3)
+    assert metrics["val_loss"] == pytest.approx(sum(metrics[k] for k in metrics if k != "val_loss"))
+    assert evaluator.state.best_metric == pytest.approx(metrics["val_loss"])  # the lowest is the best
 
 
 def test_finetune_initialisation_equals_the_pretrained_encoder(tmp_path):

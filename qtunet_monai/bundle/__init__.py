@@ -4,7 +4,9 @@ and void-class transforms, and the generator that writes the bundles from :mod:`
 
 from .checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, load_pretrained
 from .datalist import DataError, check_cases, load_datalist
+from .distributed import DeviceError, init_distributed, local_gpu, local_rank, process_device
 from ..networks.imagenet import load_imagenet_swin
+from .optim import no_weight_decay_names, param_groups
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
@@ -13,9 +15,16 @@ __all__ = [
     "atomic_save",
     "load_pretrained",
     "load_imagenet_swin",
+    "no_weight_decay_names",
+    "param_groups",
     "DataError",
     "check_cases",
     "load_datalist",
+    "DeviceError",
+    "init_distributed",
+    "local_gpu",
+    "local_rank",
+    "process_device",
     "LabelsToRegionsd",
     "RegionsToLabelsd",
     "MaskVoidd",

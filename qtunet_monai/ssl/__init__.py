@@ -4,7 +4,7 @@ Ignite engines, and ImageNet Swin initialisation."""
 
 from .model import QTUNetEncoder, QTUNetSSL, byol_momentum, collapse_signal, ssl_loss
 from .views import TwoViewsd, rotate_axial
-from .workflow import CollapseMonitor, EncoderSaver, SSLTrainer
+from .workflow import CollapseMonitor, EncoderSaver, SSLEvaluator, SSLTrainer, loss_jump, split_validation
 
 __all__ = ["QTUNetEncoder", "QTUNetSSL", "byol_momentum", "collapse_signal", "ssl_loss", "TwoViewsd", "rotate_axial",
-           "CollapseMonitor", "EncoderSaver", "SSLTrainer"]
+           "CollapseMonitor", "EncoderSaver", "SSLTrainer", "SSLEvaluator", "loss_jump", "split_validation"]
