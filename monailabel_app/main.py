@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.bundles = resolve_bundles(conf.get("models", ""))
+        # bundle names are looked up in the repository's bundles/, next to this app
+        self.bundles = resolve_bundles(conf.get("models", ""), search=Path(app_dir).resolve().parent / "bundles")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="QT-UNet bundles",
                          description="QT-UNet (qtunet_monai) bundles for auto-segmentation and retraining",
                          version=qtunet_monai.__version__)

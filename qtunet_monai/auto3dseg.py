@@ -3,7 +3,10 @@
 DataAnalyzer statistics, training on MONAI's Ignite engines, validation and inference.
 
 The template's scripts are thin wrappers around these functions, so the logic is tested and
-versioned with the package. Everything runs on CPU when there is no GPU.
+versioned with the package. The deterministic transforms, loss, post-processing, metric and
+sliding-window inferer are the bundles' own (:mod:`qtunet_monai.pipeline`), instantiated from the
+filled hyper-parameters; the template's YAML holds the values and the training augmentations.
+Everything runs on CPU when there is no GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from . import pipeline
 
 __all__ = ["TemplateError", "fill_hyper_parameters", "load_config", "build_transforms", "train", "validate",
            "InferClass"]
@@ -149,24 +154,29 @@ def _save_overrides(config_file, override: dict) -> None:
     target.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+def _values(parser) -> dict[str, Any]:
+    """What the pipeline's ``@`` references name, from the filled hyper-parameters."""
+    return {"roi_size": parser.get_parsed_content("roi_size"),
+            "pixdim": parser.get_parsed_content("resample_resolution"),
+            "num_classes": parser.get_parsed_content("output_classes"),
+            "num_sw_batch_size": parser.get_parsed_content("num_sw_batch_size")}
+
+
+def _intensity(parser) -> pipeline.Intensity:
+    """CT: clip to the foreground's 0.5-99.5 percentiles (``intensity_bounds``) and scale; MRI: non-zero z-score."""
+    if parser.get_parsed_content("modality") == "ct":
+        return pipeline.CTWindow(*(float(b) for b in parser.get_parsed_content("intensity_bounds")))
+    return pipeline.NonzeroNorm()
+
+
 def build_transforms(parser, stage: str) -> list:
-    """``train``, ``validate`` or ``infer`` transforms: load, (regions), RAS, resample, intensity, pad, (augment)."""
-    from monai.transforms import EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd, Spacingd, SpatialPadd
-
-    from .bundle import LabelsToRegionsd
-
-    keys = ["image"] if stage == "infer" else ["image", "label"]
-    modes = ["bilinear"] if stage == "infer" else ["bilinear", "nearest"]
-    steps = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)]
-    if stage != "infer" and parser.get_parsed_content("sigmoid"):
-        steps.append(LabelsToRegionsd("label", parser.get_parsed_content("regions")))
-    steps += [Orientationd(keys, axcodes="RAS"),
-              Spacingd(keys, pixdim=parser.get_parsed_content("resample_resolution"), mode=modes)]
-    modality = parser.get_parsed_content("modality")
-    steps += parser.get_parsed_content("intensity_ct" if modality == "ct" else "intensity_mri")
-    if stage != "infer":
-        steps.append(SpatialPadd(keys, spatial_size=parser.get_parsed_content("roi_size")))
-    steps.append(EnsureTyped(keys))
+    """``train``, ``validate`` or ``infer`` transforms: the bundles' deterministic transforms (load, regions,
+    RAS, resample, intensity, pad), then for training the template's ``augment``."""
+    with_label = stage != "infer"
+    regions = parser.get_parsed_content("regions") if parser.get_parsed_content("sigmoid") else None
+    steps = pipeline.instantiate(
+        pipeline.deterministic_transforms(_intensity(parser), 3, with_label, regions=regions, pad=with_label),
+        **_values(parser))
     if stage == "train":
         steps += parser.get_parsed_content("augment")
     return steps
@@ -231,10 +241,9 @@ def _load_pretrained(parser, network) -> dict | None:
 def _engines(parser, train_files, val_files):
     from monai.data import CacheDataset, DataLoader, DistributedSampler
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import LrScheduleHandler, MeanDice, StatsHandler, ValidationHandler, from_engine
-    from monai.inferers import SimpleInferer, SlidingWindowInferer
-    from monai.losses import DiceLoss
-    from monai.transforms import Activationsd, AsDiscreted, Compose
+    from monai.handlers import LrScheduleHandler, StatsHandler, ValidationHandler, from_engine
+    from monai.inferers import SimpleInferer
+    from monai.transforms import Compose
 
     device = _device(parser)
     rank, world = _distributed(device)
@@ -243,7 +252,6 @@ def _engines(parser, train_files, val_files):
         ids = [device] if device.type == "cuda" else None
         network = torch.nn.parallel.DistributedDataParallel(network, device_ids=ids)
     sigmoid = parser.get_parsed_content("sigmoid")
-    classes = parser.get_parsed_content("output_classes")
     workers = parser.get_parsed_content("num_workers")
     cache = parser.get_parsed_content("cache_rate")
     train_ds = CacheDataset(train_files, Compose(build_transforms(parser, "train")), cache_rate=cache,
@@ -258,19 +266,17 @@ def _engines(parser, train_files, val_files):
     epochs = parser.get_parsed_content("num_epochs")
     optimizer = torch.optim.Adam(_param_groups(parser, network), lr=parser.get_parsed_content("learning_rate"))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    post = [Activationsd("pred", sigmoid=True), AsDiscreted("pred", threshold=0.5)] if sigmoid else [
-        Activationsd("pred", softmax=True), AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=classes)]
+    values = _values(parser)
+    post = pipeline.instantiate([pipeline.activation(sigmoid), *pipeline.discretise(sigmoid)], **values)
     amp = bool(parser.get_parsed_content("amp")) and device.type == "cuda"
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=val_loader, network=network, amp=amp,
-        inferer=SlidingWindowInferer(parser.get_parsed_content("roi_size"),
-                                     sw_batch_size=parser.get_parsed_content("num_sw_batch_size"), overlap=0.5),
+        inferer=pipeline.instantiate(pipeline.sliding_window("@num_sw_batch_size"), **values),
         postprocessing=Compose(post),
-        key_val_metric={"val_mean_dice": MeanDice(include_background=sigmoid,
-                                                  output_transform=from_engine(["pred", "label"]))},
+        key_val_metric=pipeline.instantiate(pipeline.metrics(sigmoid), **values),
         val_handlers=[StatsHandler(iteration_log=False)],
     )
-    loss = DiceLoss(sigmoid=True) if sigmoid else DiceLoss(to_onehot_y=True, softmax=True)
+    loss = pipeline.instantiate(pipeline.loss(sigmoid), **values)
     trainer = SupervisedTrainer(
         device=device, max_epochs=epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
         loss_function=loss, inferer=SimpleInferer(), amp=amp,
@@ -344,7 +350,6 @@ class InferClass:
     channel-first probability map in the image's original space (a MetaTensor)."""
 
     def __init__(self, config_file, **override) -> None:
-        from monai.inferers import SlidingWindowInferer
         from monai.transforms import Compose
 
         override = {k: v for k, v in override.items() if k not in ("mode", "fold")}
@@ -354,10 +359,9 @@ class InferClass:
         weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
         self.network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
         self.transforms = Compose(build_transforms(self.parser, "infer"))
-        self.sigmoid = self.parser.get_parsed_content("sigmoid")
-        self.inferer = SlidingWindowInferer(self.parser.get_parsed_content("roi_size"),
-                                            sw_batch_size=self.parser.get_parsed_content("num_sw_batch_size"),
-                                            overlap=0.5)
+        values = _values(self.parser)
+        self.activation = pipeline.instantiate(pipeline.activation(self.parser.get_parsed_content("sigmoid")), **values)
+        self.inferer = pipeline.instantiate(pipeline.sliding_window("@num_sw_batch_size"), **values)
 
     @torch.no_grad()
     def infer(self, image_file) -> torch.Tensor:
@@ -369,6 +373,6 @@ class InferClass:
         data = self.transforms({"image": path})
         image = data["image"]
         logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
-        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=1)
-        data["pred"] = MetaTensor(probs[0].cpu(), affine=image.affine, meta=image.meta)
+        data["pred"] = MetaTensor(logits[0].cpu(), affine=image.affine, meta=image.meta)
+        data = self.activation(data)
         return Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=False)(data)["pred"]

@@ -9,8 +9,10 @@ Commands:
     demo_report   Dice per class and a PNG figure of the demo bundle's test prediction.
     fake_data     a tiny fake data set in a task's official layout (BraTS, BTCV, MSD, CityScapes).
     prepare_data  a task's official download -> the bundle's data list.
-    generate_bundles  (re)write bundles/ from qtunet_monai/tasks.py; --check compares.
     explain  attention maps, rollout and attention distance of a trained bundle; Dice change of ablated blocks.
+
+The bundles under the repository's ``bundles/`` are written by ``tools/generate_bundles.py``
+(repository tooling, not part of the installed package).
 """
 
 from __future__ import annotations
@@ -220,27 +222,6 @@ def prepare_data(task: str, root: str, output_file: str, seed: int = 0) -> None:
     print(f"data list written: {out} {counts}")
 
 
-def generate_bundles(check: bool = False, root: str | None = None) -> None:
-    """(Re)write the bundles' configs and docs from qtunet_monai/tasks.py, or with --check only list
-    the files that differ (exit status 1 if any).
-
-    Args:
-        check: compare instead of writing.
-        root: the bundles folder (default: the repository's bundles/).
-    """
-    from .bundle.generate import REPO, check_bundles, write_bundles
-
-    folder = root or str(REPO / "bundles")
-    if check:
-        stale = check_bundles(folder)
-        if stale:
-            print("out of date (run python -m qtunet_monai generate_bundles):\n  " + "\n  ".join(stale))
-            sys.exit(1)
-        print("all bundles match qtunet_monai/tasks.py")
-        return
-    print(f"{len(write_bundles(folder))} files written under {folder}")
-
-
 def explain(
     bundle_dir: str,
     image: str | None = None,
@@ -303,8 +284,7 @@ def explain(
 
 
 COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report,
-            "fake_data": fake_data, "prepare_data": prepare_data, "generate_bundles": generate_bundles,
-            "explain": explain}
+            "fake_data": fake_data, "prepare_data": prepare_data, "explain": explain}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,5 +296,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "generate_bundles",
-           "explain", "main"]
+__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "explain", "main"]

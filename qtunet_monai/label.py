@@ -1,8 +1,9 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """MONAI Label tasks serving the qtunet bundles (needs the ``label`` extra: MONAI Label).
 
-- Bundles are found locally (a path, or a folder name under this repository's ``bundles/``): no
-  model-zoo query and no download at start-up.
+- Bundles are found locally (a path, or a folder name under ``search``, by default ``bundles/`` in the
+  working directory; the repository's app passes its own ``bundles/``): no model-zoo query and no
+  download at start-up.
 - MONAI Label puts a string ``image_path`` into the data dictionary; MONAI 1.6's ``Spacingd`` treats
   every ``image_*`` key as image metadata and fails on it, so inference sets it aside while the
   bundle's pre-processing runs and puts it back afterwards.
@@ -26,17 +27,18 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 __all__ = ["resolve_bundles", "QTUNetInferTask", "QTUNetTrainTask", "CheckedDatastore"]
 
 logger = logging.getLogger(__name__)
-REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 _STASH = "qtunet_stashed_image_path"  # not an image_* key
 
 
-def resolve_bundles(models: str, search: Path = REPO_BUNDLES) -> dict[str, str]:
+def resolve_bundles(models: str, search: str | Path = "bundles") -> dict[str, str]:
     """``"a,b"`` (bundle folders, or names under ``bundles/``) -> ``{name: folder}``; unknown names raise."""
     found: dict[str, str] = {}
+    search = Path(search)
     for entry in [m.strip() for m in (models or "").split(",") if m.strip()]:
         path = Path(entry) if Path(entry).is_dir() else search / entry
         if not (path / "configs" / "inference.json").is_file():
-            choices = sorted(p.name for p in search.iterdir() if (p / "configs" / "inference.json").is_file())
+            choices = sorted(p.name for p in search.iterdir() if (p / "configs" / "inference.json").is_file()) \
+                if search.is_dir() else []
             raise ValueError(f"no bundle {entry!r} (looked for {path}/configs/inference.json); choose a bundle "
                              f"folder or one of {choices}.")
         if not (path / "models" / "model.pt").is_file():

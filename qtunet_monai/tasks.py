@@ -1,10 +1,11 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """Every task of the thesis in one place: the single source of truth the bundles are generated from.
 
-A :class:`Task` holds what differs between the bundles (channels, classes, the SPEC.md section 3
-pipeline, the recipe of section 2, the data set's facts and the thesis' result); everything the
-bundles share is written once in :mod:`qtunet_monai.bundle.generate`. Change a task here, then run
-``python -m qtunet_monai generate_bundles`` and commit the regenerated ``bundles/`` folder.
+A :class:`Task` holds what differs between the bundles (channels, classes, the
+pipeline of docs/architecture.md section 3, the recipe of section 2, the data set's facts and the thesis' result); everything the
+bundles share is written once in the repository's ``tools/generate_bundles.py`` from the pipeline
+pieces of :mod:`qtunet_monai.pipeline`. Change a task here, then run ``python tools/generate_bundles.py``
+and commit the regenerated ``bundles/`` folder.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 
 from .data.brats import BRATS_LABEL_VALUES, BRATS_REGIONS
 from .data.btcv import BTCV_ORGANS
-from .data.cityscapes import CATEGORY_MAP, CATEGORY_NAMES, CLASS_MAP, CLASS_NAMES
+from .data.cityscapes import CATEGORY_MAP, CATEGORY_NAMES, CLASS_MAP, CLASS_NAMES, MEAN, STD
 from .data.msd import MSD_TASKS
+from .pipeline import (CTWindow, Crop, Intensity, NonzeroNorm, PosNegCrop, Pretrain, RGBNorm, SpatialCrop, flips, rot90,
+                       scale, shift)
 
 __all__ = ["Task", "TASKS", "get_task"]
 
@@ -23,23 +26,6 @@ THESIS = "QT-UNet: Querying Transformer UNet, master's thesis, Norwegian Univers
 MSD_REFERENCE = "Antonelli M. et al. The Medical Segmentation Decathlon. Nature Communications 13, 4128 (2022)"
 SWIN_UNETR = ("Tang Y. et al. Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis. "
               "CVPR 2022")
-
-
-# Random transforms as MONAI config dicts; "image" and "label" are the bundles' keys.
-def flips(prob: float, dims: int = 3) -> list[dict]:
-    return [{"_target_": "RandFlipd", "keys": ["image", "label"], "prob": prob, "spatial_axis": a} for a in range(dims)]
-
-
-def rot90(prob: float) -> list[dict]:
-    return [{"_target_": "RandRotate90d", "keys": ["image", "label"], "prob": prob, "max_k": 3}]
-
-
-def scale(prob: float, factors: float = 0.1) -> list[dict]:
-    return [{"_target_": "RandScaleIntensityd", "keys": "image", "factors": factors, "prob": prob}]
-
-
-def shift(prob: float, offsets: float = 0.1) -> list[dict]:
-    return [{"_target_": "RandShiftIntensityd", "keys": "image", "offsets": offsets, "prob": prob}]
 
 
 @dataclass(frozen=True)
@@ -56,12 +42,12 @@ class Task:
         channels: input channel names.
         classes: output channel names (index = channel).
         label_values: the values allowed in the label files.
-        intensity: ``("nonzero",)`` channel-wise normalisation of non-zero voxels (MRI),
-            ``("ct", a_min, a_max)`` clip Hounsfield units and scale to 0..1, ``("rgb", mean, std)``.
+        intensity: :class:`~qtunet_monai.pipeline.NonzeroNorm` (MRI), :class:`~qtunet_monai.pipeline.CTWindow`
+            or :class:`~qtunet_monai.pipeline.RGBNorm`.
         roi_size: training crop and sliding-window size.
         pixdim: resampled voxel size in mm, or None to keep the data's.
         crop_foreground: crop to the image's foreground.
-        crop: ``("spatial",)`` random crops or ``("posneg", pos, neg)`` label-balanced crops.
+        crop: :class:`~qtunet_monai.pipeline.SpatialCrop` or :class:`~qtunet_monai.pipeline.PosNegCrop`.
         augment: the task's random transforms after cropping.
         regions: overlapping target regions as sets of label values (sigmoid outputs), or None (softmax).
         label_map: label file value -> class (CityScapes' ids), or None.
@@ -72,6 +58,13 @@ class Task:
         eval_split: the data list section evaluate.json scores.
         thesis_result: Markdown lines with the thesis' result for this task.
         data_docs: Markdown: how to get the data set.
+        docs_note: Markdown: a note for the pipeline section of the docs.
+        pretrain: the in-task self-supervised pre-training recipe (docs/architecture.md section 4).
+        pretraining_only: a pre-training-only bundle (no labels, no train/evaluate/inference configs).
+        generated_docs: write ``docs/README.md`` (the demo has hand-written docs).
+        summary: metadata ``description``.
+        intended_use: metadata ``intended_use``.
+        extra_packages: required packages beyond the common ones (metadata).
     """
 
     bundle: str
@@ -83,11 +76,11 @@ class Task:
     channels: tuple[str, ...]
     classes: tuple[str, ...]
     label_values: tuple[int, ...]
-    intensity: tuple
+    intensity: Intensity
     roi_size: tuple[int, ...]
     pixdim: tuple[float, ...] | None
     crop_foreground: bool
-    crop: tuple
+    crop: Crop
     augment: tuple[dict, ...] = ()
     regions: tuple[tuple[int, ...], ...] | None = None
     label_map: tuple[int, ...] | None = None
@@ -110,16 +103,16 @@ class Task:
     references: tuple[str, ...] = (THESIS,)
     thesis_result: str = ""
     data_docs: str = ""
-    #: in-task pre-training (SPEC.md section 4): batch, gradient accumulation, epochs, crop
-    pretrain: tuple = (32, 2, 350, (96, 96, 96))
-    pretrain_learning_rate: float = 4e-5
-    pretrain_warmup_epochs: int = 10
-    #: a pre-training-only bundle (no labels, no train/evaluate/inference configs)
+    docs_note: str = ""
+    pretrain: Pretrain = Pretrain(32, 2, 350, (96, 96, 96))
     pretraining_only: bool = False
     generated_docs: bool = True
     version: str = "0.1.0"
     changelog: str = "first release"
     eval_metrics: dict = field(default_factory=dict)
+    summary: str = ""
+    intended_use: str = "Research only; not for diagnostic use"
+    extra_packages: tuple[str, ...] = ()
 
     @property
     def in_channels(self) -> int:
@@ -133,11 +126,24 @@ class Task:
     def sigmoid(self) -> bool:
         return self.regions is not None
 
+    @property
+    def description_text(self) -> str:
+        """Metadata ``description``: :attr:`summary`, or the network and recipe."""
+        return self.summary or (f"{self.architecture}-{self.variant[0].upper()} (Querying Transformer UNet) trained "
+                                "with the recipe of the QT-UNet thesis")
 
-def _msd(key: str, number: int, intensity: tuple, pixdim, crop_foreground: bool, crop: tuple, augment: list,
-         regions=None, hd95: bool = False, scores: tuple = (), cache_rate: float = 1.0,
-         pretrain: tuple = (32, 2, 150, (96, 96, 96))) -> Task:
-    """An MSD task's bundle from the facts in :data:`qtunet_monai.data.msd.MSD_TASKS`."""
+
+def _msd(key: str, number: int, *, intensity: Intensity, pixdim: tuple[float, ...] | None, crop_foreground: bool,
+         crop: Crop, augment: list[dict], scores: tuple[float, ...], regions: tuple[tuple[int, ...], ...] | None = None,
+         hd95: bool = False, cache_rate: float = 1.0, pretrain: Pretrain = Pretrain(32, 2, 150, (96, 96, 96)),
+         docs_note: str = "") -> Task:
+    """An MSD task's bundle from the facts in :data:`qtunet_monai.data.msd.MSD_TASKS`.
+
+    Args:
+        key / number: the task's key (``msd_<key>``) and MSD task number.
+        scores: the thesis' mean Dice for T/S/B from scratch, then pre-trained (Table 4.4).
+        the others: as :class:`Task`.
+    """
     msd = MSD_TASKS[key]
     classes = ("tumour core", "whole tumour", "enhancing tumour") if regions else msd.labels
     return Task(
@@ -160,6 +166,7 @@ def _msd(key: str, number: int, intensity: tuple, pixdim, crop_foreground: bool,
         hd95=hd95,
         cache_rate=cache_rate,
         pretrain=pretrain,
+        docs_note=docs_note,
         data_source=f"Medical Segmentation Decathlon {msd.folder} (http://medicaldecathlon.com), CC-BY-SA 4.0",
         references=(THESIS, MSD_REFERENCE, SWIN_UNETR),
         thesis_result=(
@@ -189,16 +196,16 @@ for _task in [
         channels=("T1", "T1Gd", "T2", "FLAIR"),
         classes=("tumour core", "whole tumour", "enhancing tumour"),
         label_values=BRATS_LABEL_VALUES,
-        intensity=("nonzero",),
+        intensity=NonzeroNorm(),
         roi_size=(128, 128, 128),
         pixdim=(1.0, 1.0, 1.0),
         crop_foreground=True,
-        crop=("spatial",),
+        crop=SpatialCrop(),
         regions=BRATS_REGIONS,
         hd95=True,
         cache_rate=0.0,
         eval_split="testing",
-        pretrain=(8, 4, 350, (96, 96, 96)),
+        pretrain=Pretrain(8, 4, 350, (96, 96, 96)),
         data_source="RSNA-ASNR-MICCAI Brain Tumor Segmentation (BraTS) Challenge 2021, task 1 training data (1,251 cases)",
         references=(THESIS, "Baid U. et al. The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
                     "Radiogenomic Classification. arXiv:2107.02314",
@@ -224,13 +231,13 @@ for _task in [
         channels=("CT",),
         classes=("background",) + BTCV_ORGANS,
         label_values=tuple(range(14)),
-        intensity=("ct", -175.0, 250.0),
+        intensity=CTWindow(-175.0, 250.0),
         roi_size=(96, 96, 96),
         pixdim=(1.5, 1.5, 2.0),
         crop_foreground=True,
-        crop=("posneg", 1, 1),
+        crop=PosNegCrop(1, 1),
         augment=tuple(flips(0.1) + rot90(0.1) + shift(0.5)),
-        pretrain=(32, 2, 150, (96, 96, 96)),
+        pretrain=Pretrain(32, 2, 150, (96, 96, 96)),
         data_source="Multi-Atlas Labeling Beyond the Cranial Vault (BTCV) abdomen challenge, RawData (Synapse)",
         references=(THESIS, "Landman B. et al. MICCAI Multi-Atlas Labeling Beyond the Cranial Vault - Workshop and "
                     "Challenge, 2015", SWIN_UNETR),
@@ -243,30 +250,40 @@ for _task in [
             "(abdomen); extract it so that `RawData/Training/img` and `RawData/Training/label` exist."
         ),
     ),
-    _msd("brain", 1, ("nonzero",), (1.0, 1.0, 1.0), True, ("spatial",), flips(0.5) + scale(0.1) + shift(0.1),
-         regions=_MSD_BRAIN_REGIONS, hd95=True, scores=(77.37, 77.79, 77.81, 77.41, 77.68, 77.86), cache_rate=0.0,
-         pretrain=(8, 4, 350, (96, 96, 96))),
-    _msd("heart", 2, ("nonzero",), (1.0, 1.0, 1.0), True, ("posneg", 2, 1), flips(0.5) + rot90(0.1) + scale(0.2)
-         + shift(0.5), scores=(85.57, 85.81, 86.52, 85.02, 85.40, 86.70), pretrain=(32, 2, 350, (96, 96, 96))),
-    _msd("liver", 3, ("ct", -21.0, 189.0), (1.0, 1.0, 1.0), True, ("posneg", 1, 1), flips(0.2) + rot90(0.2)
-         + scale(0.1) + shift(0.1), scores=(36.00, 46.09, 39.31, 51.65, 37.14, 38.56), cache_rate=0.0),
-    # 0.2 mm is the thesis' stated spacing for Hippocampus (native ~1 mm): kept, flagged in the docs.
-    _msd("hippocampus", 4, ("nonzero",), (0.2, 0.2, 0.2), True, ("spatial",), flips(0.1) + rot90(0.1) + scale(0.1)
-         + shift(0.1), scores=(85.45, 82.37, 82.92, 85.23, 82.19, 83.77), cache_rate=0.0, pretrain=(32, 2, 350, (96, 96, 96))),
-    _msd("prostate", 5, ("nonzero",), (0.5, 0.5, 0.5), True, ("spatial",), flips(0.5) + scale(0.5) + shift(0.5)
+    _msd("brain", 1, intensity=NonzeroNorm(), pixdim=(1.0, 1.0, 1.0), crop_foreground=True, crop=SpatialCrop(),
+         augment=flips(0.5) + scale(0.1) + shift(0.1), regions=_MSD_BRAIN_REGIONS, hd95=True,
+         scores=(77.37, 77.79, 77.81, 77.41, 77.68, 77.86), cache_rate=0.0, pretrain=Pretrain(8, 4, 350, (96, 96, 96))),
+    _msd("heart", 2, intensity=NonzeroNorm(), pixdim=(1.0, 1.0, 1.0), crop_foreground=True, crop=PosNegCrop(2, 1),
+         augment=flips(0.5) + rot90(0.1) + scale(0.2) + shift(0.5), scores=(85.57, 85.81, 86.52, 85.02, 85.40, 86.70),
+         pretrain=Pretrain(32, 2, 350, (96, 96, 96))),
+    _msd("liver", 3, intensity=CTWindow(-21.0, 189.0), pixdim=(1.0, 1.0, 1.0), crop_foreground=True,
+         crop=PosNegCrop(1, 1), augment=flips(0.2) + rot90(0.2) + scale(0.1) + shift(0.1),
+         scores=(36.00, 46.09, 39.31, 51.65, 37.14, 38.56), cache_rate=0.0),
+    _msd("hippocampus", 4, intensity=NonzeroNorm(), pixdim=(0.2, 0.2, 0.2), crop_foreground=True, crop=SpatialCrop(),
+         augment=flips(0.1) + rot90(0.1) + scale(0.1) + shift(0.1), scores=(85.45, 82.37, 82.92, 85.23, 82.19, 83.77),
+         cache_rate=0.0, pretrain=Pretrain(32, 2, 350, (96, 96, 96)),
+         # the thesis' stated spacing (native ~1 mm): kept, flagged in the docs
+         docs_note=("Note: the thesis states 0.2 mm spacing for Hippocampus (native about 1 mm); this bundle keeps "
+                    "it. Override `--pixdim \"[1.0,1.0,1.0]\"` in all commands to train at the native resolution.")),
+    _msd("prostate", 5, intensity=NonzeroNorm(), pixdim=(0.5, 0.5, 0.5), crop_foreground=True, crop=SpatialCrop(),
+         augment=flips(0.5) + scale(0.5) + shift(0.5)
          + [{"_target_": "RandAffined", "keys": ["image", "label"], "prob": 0.5, "scale_range": [0.3, 0.3, 0.0],
              "rotate_range": [0.0, 0.0, math.pi], "mode": ["bilinear", "nearest"], "padding_mode": "zeros"}],
-         scores=(30.62, 30.90, 32.26, 27.79, 31.07, 34.08), pretrain=(32, 2, 350, (96, 96, 96))),
-    _msd("lung", 6, ("ct", -1000.0, 1000.0), (1.0, 1.0, 1.0), False, ("posneg", 2, 1), flips(0.5) + rot90(0.3)
-         + scale(0.1) + shift(0.1), scores=(26.02, 19.55, 23.21, 27.23, 19.91, 23.85), cache_rate=0.0),
-    _msd("pancreas", 7, ("ct", -87.0, 199.0), None, False, ("posneg", 1, 1), flips(0.5) + rot90(0.25) + scale(0.5),
-         scores=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0), cache_rate=0.0),
-    _msd("hepaticvessel", 8, ("ct", 0.0, 230.0), None, False, ("posneg", 1, 1), flips(0.5) + rot90(0.25)
-         + scale(0.5), scores=(42.41, 37.07, 33.77, 45.01, 36.98, 38.01), cache_rate=0.0),
-    _msd("spleen", 9, ("ct", -125.0, 275.0), (1.0, 1.0, 1.0), False, ("posneg", 1, 1), flips(0.15) + scale(0.1)
-         + shift(0.1), scores=(49.30, 51.94, 48.10, 49.86, 53.31, 56.45)),
-    _msd("colon", 10, ("ct", -57.0, 175.0), None, False, ("posneg", 1, 1), flips(0.5) + rot90(0.25) + scale(0.5),
-         scores=(14.11, 13.02, 15.76, 14.04, 13.52, 12.87), cache_rate=0.0),
+         scores=(30.62, 30.90, 32.26, 27.79, 31.07, 34.08), pretrain=Pretrain(32, 2, 350, (96, 96, 96))),
+    _msd("lung", 6, intensity=CTWindow(-1000.0, 1000.0), pixdim=(1.0, 1.0, 1.0), crop_foreground=False,
+         crop=PosNegCrop(2, 1), augment=flips(0.5) + rot90(0.3) + scale(0.1) + shift(0.1),
+         scores=(26.02, 19.55, 23.21, 27.23, 19.91, 23.85), cache_rate=0.0),
+    _msd("pancreas", 7, intensity=CTWindow(-87.0, 199.0), pixdim=None, crop_foreground=False, crop=PosNegCrop(1, 1),
+         augment=flips(0.5) + rot90(0.25) + scale(0.5), scores=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0), cache_rate=0.0),
+    _msd("hepaticvessel", 8, intensity=CTWindow(0.0, 230.0), pixdim=None, crop_foreground=False,
+         crop=PosNegCrop(1, 1), augment=flips(0.5) + rot90(0.25) + scale(0.5),
+         scores=(42.41, 37.07, 33.77, 45.01, 36.98, 38.01), cache_rate=0.0),
+    _msd("spleen", 9, intensity=CTWindow(-125.0, 275.0), pixdim=(1.0, 1.0, 1.0), crop_foreground=False,
+         crop=PosNegCrop(1, 1), augment=flips(0.15) + scale(0.1) + shift(0.1),
+         scores=(49.30, 51.94, 48.10, 49.86, 53.31, 56.45)),
+    _msd("colon", 10, intensity=CTWindow(-57.0, 175.0), pixdim=None, crop_foreground=False, crop=PosNegCrop(1, 1),
+         augment=flips(0.5) + rot90(0.25) + scale(0.5), scores=(14.11, 13.02, 15.76, 14.04, 13.52, 12.87),
+         cache_rate=0.0),
     *[
         Task(
             bundle=f"qtunet2d_{key}_segmentation",
@@ -280,11 +297,11 @@ for _task in [
             label_values=tuple(range(34)),
             label_map=mapping,
             void=True,
-            intensity=("rgb",),
+            intensity=RGBNorm(MEAN, STD, source="CityScapes"),
             roi_size=(1024, 1024),
             pixdim=None,
             crop_foreground=False,
-            crop=("spatial",),
+            crop=SpatialCrop(),
             architecture="QT-UNet-2D",
             batch_size=4,
             max_epochs=150,
@@ -292,7 +309,7 @@ for _task in [
             weight_decay=0.001,
             cache_rate=0.0,
             iou=True,
-            pretrain=(16, 2, 150, (1024, 1024)),
+            pretrain=Pretrain(16, 2, 150, (1024, 1024)),
             data_source="Cityscapes fine annotations (leftImg8bit, gtFine), https://www.cityscapes-dataset.com",
             references=(THESIS, "Cordts M. et al. The Cityscapes Dataset for Semantic Urban Scene Understanding. "
                         "CVPR 2016"),
@@ -329,8 +346,8 @@ for _task in [
             roi_size=(96, 96, 96),
             pixdim=(1.0, 1.0, 1.0),
             crop_foreground=True,
-            crop=("spatial",),
-            pretrain=(32, 2, 150, (96, 96, 96)),
+            crop=SpatialCrop(),
+            pretrain=Pretrain(32, 2, 150, (96, 96, 96)),
             pretraining_only=True,
             cache_rate=0.0,
             data_source=source,
@@ -340,7 +357,7 @@ for _task in [
             data_docs=docs,
         )
         for key, modality, intensity, source, result, docs in [
-            ("ctssl", "CT", ("ct", -1000.0, 1000.0),
+            ("ctssl", "CT", CTWindow(-1000.0, 1000.0),
              "Any folder tree of CT NIfTI volumes; the thesis' CT-SSL corpus: 3,597 CT scans from public TCIA "
              "collections",
              "Thesis: QT-UNet-T pre-trained on CT-SSL gained 15 Dice points on BTCV (38.51 -> 53.50) and improved "
@@ -349,7 +366,7 @@ for _task in [
              "public TCIA collections as Swin-UNETR's pre-training did: LUNA16 / LIDC-IDRI, TCIA COVID-19, "
              "HNSCC, TCIA Colonography, and the unlabelled CT tasks of the Medical Segmentation Decathlon and "
              "LiTS, converted from DICOM to NIfTI (e.g. with dcm2niix)."),
-            ("mrissl", "MR", ("nonzero",),
+            ("mrissl", "MR", NonzeroNorm(),
              "Any folder tree of (single-channel) MRI NIfTI volumes",
              "Thesis: in-task MRI pre-training (BraTS) lowered HD95 on BraTS 2021 (QT-UNet-T 5.79 -> 5.31 mm).",
              "Gather MRI volumes as NIfTI in one folder tree (any depth), e.g. the modalities of BraTS, IXI or "
@@ -366,12 +383,12 @@ for _task in [
         channels=("T1",),
         classes=("background", "CSF", "grey matter", "white matter"),
         label_values=(0, 1, 2, 3),
-        intensity=("nonzero",),
+        intensity=NonzeroNorm(),
         # 56 = 14 tokens per axis after the 4x patch embedding, a multiple of the 7-token window
         roi_size=(56, 56, 56),
         pixdim=(2.0, 2.0, 2.0),
         crop_foreground=False,
-        crop=("posneg", 1, 1),
+        crop=PosNegCrop(1, 1),
         augment=tuple(flips(0.5, dims=1) + scale(0.5) + shift(0.5)),
         num_samples=2,
         max_epochs=30,
@@ -379,12 +396,16 @@ for _task in [
         learning_rate=1e-3,  # the demo trains for minutes, not 350 epochs
         num_workers=0,
         eval_split="testing",
-        pretrain=(2, 2, 10, (56, 56, 56)),
-        pretrain_learning_rate=1e-3,  # like the demo's training: minutes, not hundreds of epochs
-        pretrain_warmup_epochs=1,
+        # like the demo's training: minutes, not hundreds of epochs
+        pretrain=Pretrain(2, 2, 10, (56, 56, 56), learning_rate=1e-3, warmup_epochs=1),
         generated_docs=False,
         changelog="first release: QT-UNet-T demo on the MNI ICBM152 template shipped with nilearn",
         eval_metrics={"mean_dice": 0.8},
+        summary=("QT-UNet-T (Querying Transformer UNet) trained on random deformations of the MNI ICBM152 2009c "
+                 "template that the nilearn package ships; a demonstration that runs end to end on a CPU in minutes, "
+                 "not a clinical model"),
+        intended_use="Demonstration and testing only; not for diagnostic use",
+        extra_packages=("nilearn",),
         data_source=(
             "MNI ICBM152 2009c nonlinear symmetric template (T1, grey- and white-matter probability maps) inside the "
             "nilearn wheel (nilearn/datasets/data); cases made by random affine and elastic deformation "

@@ -4,8 +4,11 @@ MONAI's bundle checks, a short training, evaluation and inference with tiny crop
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,11 +17,15 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, run, verify_metadata, verify_net_in_out
 
-from qtunet_monai.bundle.generate import check_bundles, render_bundle
 from qtunet_monai.cli import fake_data, prepare_data
 from qtunet_monai.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
+GENERATOR = REPO / "tools" / "generate_bundles.py"
+_spec = importlib.util.spec_from_file_location("generate_bundles", GENERATOR)
+generate_bundles = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate_bundles)
+check_bundles, render_bundle = generate_bundles.check_bundles, generate_bundles.render_bundle
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 TASK_BUNDLES = [t for t in TASKS.values() if t.data != "demo" and not t.pretraining_only]
 
@@ -27,6 +34,34 @@ def test_committed_bundles_match_their_tasks():
     """The committed configs and docs are what qtunet_monai/tasks.py generates (no hand drift)."""
     assert check_bundles(REPO / "bundles") == []
     assert sorted(p.name for p in (REPO / "bundles").iterdir() if p.is_dir()) == sorted(TASKS)
+
+
+def test_generator_check_fails_on_drift(tmp_path):
+    """``tools/generate_bundles.py --check`` exits 1 naming a hand-edited file, 0 once regenerated."""
+    name = "qtunet_demo_brain_tissue_segmentation"
+    root = tmp_path / "bundles"
+    assert generate_bundles.main(["--root", str(root), name]) == 0
+    assert generate_bundles.main(["--check", "--root", str(root)]) == 1  # the other bundles are missing
+    generate_bundles.write_bundles(root)
+    assert generate_bundles.main(["--check", "--root", str(root)]) == 0
+    train = root / name / "configs" / "train.json"
+    train.write_text(train.read_text().replace('"max_epochs": 30', '"max_epochs": 31'))
+    result = subprocess.run([sys.executable, str(GENERATOR), "--check", "--root", str(root)], capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and str(train) in result.stdout and result.stdout.count(".json") == 1
+
+
+def test_generated_json_layout_and_imports():
+    """The model zoo's layout (json.dumps(indent=4) plus a newline) and only imports an expression uses."""
+    for task in TASKS.values():
+        for rel, text in render_bundle(task).items():
+            if not rel.endswith(".json"):
+                continue
+            config = json.loads(text)
+            assert text == json.dumps(config, indent=4) + "\n", rel
+            used = " ".join(e for e in generate_bundles._expressions(config) if not e.startswith("$import"))
+            for statement in config.get("imports", []):
+                assert statement.split()[-1] + "." in used, (task.bundle, rel, statement)
 
 
 def test_generated_configs_follow_the_thesis_recipe():

@@ -1,6 +1,7 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """What the bundles need beyond MONAI: checked data lists, checkpoints that survive a killed run, region
-and void-class transforms, and the generator that writes the bundles from :mod:`qtunet_monai.tasks`."""
+and void-class transforms and the void-masked loss. (The bundles themselves are written by the repository's
+``tools/generate_bundles.py``.)"""
 
 from .checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, load_pretrained
 from .datalist import DataError, check_cases, load_datalist

@@ -1,21 +1,31 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""Generate the MONAI bundles under ``bundles/`` from :data:`qtunet_monai.tasks.TASKS`.
+"""Generate the MONAI bundles under ``bundles/`` from :data:`qtunet_monai.tasks.TASKS` (repository
+tooling: nothing in the installed package imports this file).
 
 What the bundles share (the engines, handlers, checkpointing, resume and fine-tune switches,
-distributed training, evaluation and inference) is written once here; what differs comes from
-the task. The generated files are committed, so every bundle stays a self-contained folder a user
-can read and edit; ``python -m qtunet_monai generate_bundles --check`` (run by the tests) fails when
-a committed bundle and its task have drifted apart.
+distributed training, evaluation and inference) is written once here; the pipeline pieces (transforms,
+loss, post-processing, metrics, inferer) come from :mod:`qtunet_monai.pipeline`, which the Auto3DSeg
+template instantiates too; what differs comes from the task. The generated files are committed, so every
+bundle stays a self-contained folder a user can read and edit.
+
+Usage, from the repository root::
+
+    python tools/generate_bundles.py            # (re)write bundles/
+    python tools/generate_bundles.py --check    # list drifted files, exit status 1 if any (run by the tests)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
-from ..tasks import TASKS, Task
+from qtunet_monai import pipeline
+from qtunet_monai.tasks import TASKS, Task
 
-__all__ = ["render_bundle", "write_bundles", "check_bundles"]
+__all__ = ["render_bundle", "write_bundles", "check_bundles", "main"]
 
 # Versions the bundles were tested with (metadata.json); bump together with the package.
 VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.4.6", "qtunet_monai": "0.1.0", "nibabel": "5.4.2",
@@ -23,7 +33,7 @@ VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.4.6", "qtunet_mon
             "nilearn": "0.14.1"}
 SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
               "meta_schema_20240725.json")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]  # this file is tools/generate_bundles.py
 LOGGING_CONF = """[loggers]
 keys=root
 
@@ -49,90 +59,11 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 
 
 # ---------------------------------------------------------------------------------------------- transforms
-def _keys(with_label: bool) -> list[str] | str:
-    return ["image", "label"] if with_label else "image"
-
-
-def _modes(with_label: bool, image_mode: str = "bilinear"):
-    return [image_mode, "nearest"] if with_label else image_mode
-
-
 def deterministic_transforms(task: Task, with_label: bool, pad: bool = True) -> list[dict]:
     """Loading, label conversion, orientation, spacing, intensity and foreground crop (train, validation, inference)."""
-    keys = _keys(with_label)
-    steps: list[dict] = [
-        {"_target_": "LoadImaged", "keys": keys, "image_only": True},
-        {"_target_": "EnsureChannelFirstd", "keys": keys},
-    ]
-    if with_label and task.regions:
-        steps.append({"_target_": "qtunet_monai.bundle.LabelsToRegionsd", "keys": "label",
-                      "regions": [list(r) for r in task.regions]})
-    if with_label and task.label_map:
-        steps.append({"_target_": "MapLabelValued", "keys": "label", "orig_labels": list(range(len(task.label_map))),
-                      "target_labels": list(task.label_map)})
-    if task.spatial_dims == 3:
-        steps.append({"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"})
-    if task.pixdim:
-        steps.append({"_target_": "Spacingd", "keys": keys, "pixdim": "@pixdim", "mode": _modes(with_label)})
-    crop = {"_target_": "CropForegroundd", "keys": keys, "source_key": "image"}
-    kind = task.intensity[0]
-    if kind == "nonzero":  # crop on the raw (positive) MRI before normalisation makes it signed
-        steps += [crop] if task.crop_foreground else []
-        steps.append({"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True})
-    elif kind == "ct":  # clip Hounsfield units and scale to 0..1; air is then 0 for the foreground crop
-        steps.append({"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": task.intensity[1],
-                      "a_max": task.intensity[2], "b_min": 0.0, "b_max": 1.0, "clip": True})
-        steps += [crop] if task.crop_foreground else []
-    elif kind == "rgb":  # 0..255 RGB normalised with the data set's mean and standard deviation
-        steps.append({"_target_": "NormalizeIntensityd", "keys": "image",
-                      "subtrahend": "$[255.0 * m for m in @intensity_mean]",
-                      "divisor": "$[255.0 * s for s in @intensity_std]", "channel_wise": True})
-    else:
-        raise ValueError(f"unknown intensity kind {kind!r}")
-    if pad:
-        steps.append({"_target_": "SpatialPadd", "keys": keys, "spatial_size": "@roi_size"})
-    steps.append({"_target_": "EnsureTyped", "keys": keys})
-    return steps
-
-
-def random_transforms(task: Task) -> list[dict]:
-    """The training crop and the task's augmentations."""
-    if task.crop[0] == "posneg":
-        crop = {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
-                "spatial_size": "@roi_size", "pos": task.crop[1], "neg": task.crop[2],
-                "num_samples": "@num_samples", "image_key": "image", "image_threshold": 0}
-    else:
-        crop = {"_target_": "RandSpatialCropd", "keys": ["image", "label"], "roi_size": "@roi_size",
-                "random_size": False}
-    return [crop, *[dict(t) for t in task.augment]]
-
-
-def _activation(task: Task) -> dict:
-    return {"_target_": "Activationsd", "keys": "pred", "sigmoid": True} if task.sigmoid else \
-        {"_target_": "Activationsd", "keys": "pred", "softmax": True}
-
-
-def _metrics(task: Task) -> dict:
-    """Validation metrics; the key metric (mean Dice, background excluded) comes first."""
-    out = "$monai.handlers.from_engine(['pred', 'label'])"
-    metrics = {"val_mean_dice": {"_target_": "MeanDice", "include_background": task.sigmoid, "output_transform": out}}
-    if task.hd95:
-        metrics["val_hd95"] = {"_target_": "HausdorffDistance", "include_background": task.sigmoid, "percentile": 95,
-                               "output_transform": out}
-    if task.iou:
-        metrics["val_mean_iou"] = {"_target_": "MeanIoUHandler", "include_background": False, "output_transform": out}
-    return metrics
-
-
-def _discretise(task: Task) -> list[dict]:
-    """Binary one-hot prediction and label, ready for the metrics."""
-    if task.sigmoid:
-        return [{"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
-    steps = [{"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
-              "to_onehot": "@num_classes"}]
-    if task.void:
-        steps.append({"_target_": "qtunet_monai.bundle.MaskVoidd", "keys": "pred", "label_key": "label"})
-    return steps
+    return pipeline.deterministic_transforms(task.intensity, task.spatial_dims, with_label,
+                                             resample=task.pixdim is not None, crop_foreground=task.crop_foreground,
+                                             regions=task.regions, label_map=task.label_map, pad=pad)
 
 
 def _saver(task: Task, key: str) -> dict:
@@ -161,10 +92,22 @@ def _save_label_map(task: Task, with_label: bool) -> list[dict]:
     return steps
 
 
+def _metrics(task: Task) -> dict:
+    return pipeline.metrics(task.sigmoid, hd95=task.hd95, iou=task.iou)
+
+
+def _sliding_window(task: Task) -> dict:
+    return pipeline.sliding_window(4 if task.spatial_dims == 3 else 2)
+
+
 # ------------------------------------------------------------------------------------------------- configs
+# every config may import these; _prune_imports keeps the ones its expressions use
+IMPORTS = ["$import qtunet_monai.bundle as qtunet_bundle", "$import qtunet_monai.ssl as qtunet_ssl"]
+
+
 def _common(task: Task) -> dict:
     config = {
-        "imports": ["$import glob", "$import os", "$import ignite", "$import qtunet_monai.bundle as qtunet_bundle"],
+        "imports": list(IMPORTS),
         "bundle_root": ".",
         "ckpt_dir": "$@bundle_root + '/models'",
         "output_dir": "$@bundle_root + '/eval'",
@@ -178,10 +121,7 @@ def _common(task: Task) -> dict:
     }
     if task.pixdim:
         config["pixdim"] = list(task.pixdim)
-    if task.intensity[0] == "rgb":
-        from ..data.cityscapes import MEAN, STD
-
-        config["intensity_mean"], config["intensity_std"] = list(MEAN), list(STD)
+    config.update(task.intensity.config())
     config.update({"architecture": task.architecture, "variant": task.variant})
     return config
 
@@ -193,11 +133,6 @@ def _network_def(task: Task, train: bool) -> dict:
         net["drop_path_rate"] = task.drop_path_rate
     net["use_checkpoint"] = False
     return net
-
-
-def _sliding_window(task: Task) -> dict:
-    return {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": 4 if task.spatial_dims == 3 else 2,
-            "overlap": 0.5, "mode": "constant"}
 
 
 def train_config(task: Task) -> dict:
@@ -221,12 +156,7 @@ def train_config(task: Task) -> dict:
         "network_def": _network_def(task, train=True),
         "network": "$@network_def.to(@device)",
     })
-    if task.void:
-        config["loss"] = {"_target_": "qtunet_monai.bundle.VoidMaskedDiceLoss", "void_value": 0}
-    elif task.sigmoid:
-        config["loss"] = {"_target_": "DiceLoss", "sigmoid": True}
-    else:
-        config["loss"] = {"_target_": "DiceLoss", "to_onehot_y": True, "softmax": True}
+    config["loss"] = pipeline.loss(task.sigmoid, task.void)
     config["optimizer"] = {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate",
                            "weight_decay": "@weight_decay"}
     config["lr_scheduler"] = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
@@ -237,7 +167,7 @@ def train_config(task: Task) -> dict:
     config["train"] = {
         "datalist": "$qtunet_bundle.load_datalist(@datalist_file, 'training')",
         "deterministic_transforms": deterministic_transforms(task, with_label=True),
-        "random_transforms": random_transforms(task),
+        "random_transforms": pipeline.random_transforms(task.crop, task.augment),
         "preprocessing": {"_target_": "Compose",
                           "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
         "dataset": {"_target_": "CacheDataset", "data": checked.format(split="train", dims=task.spatial_dims),
@@ -270,7 +200,8 @@ def train_config(task: Task) -> dict:
         "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": "@num_workers"},
         "inferer": _sliding_window(task),
-        "postprocessing": {"_target_": "Compose", "transforms": [_activation(task), *_discretise(task)]},
+        "postprocessing": {"_target_": "Compose", "transforms": [pipeline.activation(task.sigmoid),
+                                                                  *pipeline.discretise(task.sigmoid, task.void)]},
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
@@ -305,7 +236,8 @@ def evaluate_config(task: Task) -> dict:
     return {
         "validate#split": task.eval_split,
         "validate#postprocessing": {"_target_": "Compose",
-                                    "transforms": [_activation(task), invert, *_save_label_map(task, True)]},
+                                    "transforms": [pipeline.activation(task.sigmoid), invert,
+                                                   *_save_label_map(task, True)]},
         "validate#handlers": [
             {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
              "map_location": "@device"},
@@ -321,7 +253,6 @@ def evaluate_config(task: Task) -> dict:
 
 def inference_config(task: Task) -> dict:
     config = _common(task)
-    config["imports"] = config["imports"][:2] + config["imports"][3:]
     config.update({
         "datalist": "$qtunet_bundle.load_datalist(@datalist_file, 'testing')",
         "network_def": _network_def(task, train=False),
@@ -333,7 +264,7 @@ def inference_config(task: Task) -> dict:
                        "num_workers": 0},
         "inferer": _sliding_window(task),
         "postprocessing": {"_target_": "Compose", "transforms": [
-            _activation(task),
+            pipeline.activation(task.sigmoid),
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
             *_save_label_map(task, False),
@@ -391,20 +322,19 @@ def multi_gpu_config(task: Task) -> dict:
 
 
 def pretrain_config(task: Task) -> dict:
-    """Self-supervised pre-training of the encoder on the task's images (labels ignored), SPEC.md section 4."""
-    batch, accumulation, epochs, roi = task.pretrain
+    """Self-supervised pre-training of the encoder on the task's images (labels ignored), docs/architecture.md section 4."""
+    recipe = task.pretrain
     config = _common(task)
-    config["imports"].append("$import qtunet_monai.ssl as qtunet_ssl")
     for key in ("num_classes", "architecture"):
         config.pop(key)
     config.update({
-        "roi_size": list(roi),
-        "max_epochs": epochs,
-        "warmup_epochs": task.pretrain_warmup_epochs,
-        "learning_rate": task.pretrain_learning_rate,
-        "weight_decay": 1.5e-6,
-        "batch_size": batch,
-        "accumulation_steps": accumulation,
+        "roi_size": list(recipe.roi_size),
+        "max_epochs": recipe.max_epochs,
+        "warmup_epochs": recipe.warmup_epochs,
+        "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay,
+        "batch_size": recipe.batch_size,
+        "accumulation_steps": recipe.accumulation_steps,
         "base_momentum": 0.996,
         "collapse_threshold": 0.1,
         "num_workers": task.num_workers,
@@ -474,8 +404,7 @@ def metadata(task: Task) -> dict:
     packages = {k: VERSIONS[k] for k in ("qtunet_monai", "nibabel", "pytorch-ignite", "tensorboard", "tqdm")}
     if task.spatial_dims == 2:
         packages["pillow"] = VERSIONS["pillow"]
-    if task.data == "demo":
-        packages["nilearn"] = VERSIONS["nilearn"]
+    packages.update({name: VERSIONS[name] for name in task.extra_packages})
     channel_names = {str(i): c for i, c in enumerate(task.channels)}
     classes = {str(i): c for i, c in enumerate(task.classes)}
     activation = "sigmoid, one channel per overlapping region" if task.sigmoid else "softmax"
@@ -495,11 +424,7 @@ def metadata(task: Task) -> dict:
         "supported_apps": {},
         "name": task.title,
         "task": task.description,
-        "description": (f"{task.architecture}-{task.variant[0].upper()} (Querying Transformer UNet) trained with the "
-                        "recipe of the QT-UNet thesis" if task.data != "demo" else
-                        "QT-UNet-T (Querying Transformer UNet) trained on random deformations of the MNI ICBM152 "
-                        "2009c template that the nilearn package ships; a demonstration that runs end to end on a "
-                        "CPU in minutes, not a clinical model"),
+        "description": task.description_text,
         "authors": "qtunet_monai contributors",
         "copyright": "Copyright (c) qtunet_monai contributors",
         "data_source": task.data_source,
@@ -509,8 +434,7 @@ def metadata(task: Task) -> dict:
         "pred_classes": f"{task.num_classes} channels ({activation}): " + ", ".join(
             f"{i} {c}" for i, c in enumerate(task.classes)),
         "eval_metrics": task.eval_metrics or {"mean_dice": 0.0},
-        "intended_use": "Research only; not for diagnostic use" if task.data != "demo" else
-                        "Demonstration and testing only; not for diagnostic use",
+        "intended_use": task.intended_use,
         "references": list(task.references),
         "network_data_format": {
             "inputs": {"image": {
@@ -536,11 +460,8 @@ def metadata(task: Task) -> dict:
 def docs_readme(task: Task) -> str:
     roi = " x ".join(map(str, task.roi_size))
     spacing = f"resampled to {' x '.join(map(str, task.pixdim))} mm, " if task.pixdim else ""
-    intensity = {"nonzero": "non-zero voxels normalised per channel",
-                 "ct": f"Hounsfield units clipped to {task.intensity[1:] and list(task.intensity[1:])} and scaled to 0..1",
-                 "rgb": "RGB normalised with CityScapes' mean and standard deviation"}[task.intensity[0]]
-    crop = (f"label-balanced crops (positive:negative {task.crop[1]}:{task.crop[2]})" if task.crop[0] == "posneg"
-            else "random crops")
+    intensity = task.intensity.describe()
+    crop = task.crop.describe()
     outputs = ("sigmoid outputs, one per overlapping region: " + ", ".join(
         f"{c} = labels {list(r)}" for c, r in zip(task.classes, task.regions)) if task.sigmoid
         else "softmax over " + ", ".join(f"{i} {c}" for i, c in enumerate(task.classes)))
@@ -550,20 +471,16 @@ def docs_readme(task: Task) -> str:
     prediction = "PNG label images of class ids" if task.spatial_dims == 2 else "NIfTI label maps with the input's geometry"
     if task.sigmoid:
         prediction += " (regions painted back to the data set's label values)"
-    hippocampus = ("\nNote: the thesis states 0.2 mm spacing for Hippocampus (native about 1 mm); this bundle keeps it. "
-                   "Override `--pixdim \"[1.0,1.0,1.0]\"` in all commands to train at the native resolution.\n"
-                   if task.data == "msd_hippocampus" else "")
+    note = f"\n{task.docs_note}\n" if task.docs_note else ""
     void = ("\nVoid pixels (class 0) are left out of the loss (`VoidMaskedDiceLoss`) and of the metrics "
             "(`MaskVoidd`); the thesis trained on them and regretted it (its section 6.2.2).\n" if task.void else "")
     arch_2d = task.spatial_dims == 2
-    batch, accumulation, epochs, ssl_roi = task.pretrain
-    ssl_roi = " x ".join(map(str, ssl_roi))
     ablation = "QT-UNet-2D-A" if arch_2d else "QT-UNet-A`, `VT-UNet` or `VT-UNet-A"
     return f"""# {task.title}
 
 {task.description}, with {task.architecture} (Querying Transformer UNet, `qtunet_monai`), following the
 recipe of the QT-UNet thesis. This bundle was generated from `qtunet_monai/tasks.py`
-(`python -m qtunet_monai generate_bundles`); edit the task there to change all of its configs at once,
+(`python tools/generate_bundles.py` in the repository); edit the task there to change all of its configs at once,
 or edit the files here for a local experiment.
 
 ## Data
@@ -592,9 +509,9 @@ outside {list(task.label_values)} stop the run with a message naming the file.
 - Training: {crop} of {roi}, batch {task.batch_size}, {task.max_epochs} epochs, Adam (lr {task.learning_rate},
   weight decay {task.weight_decay}), cosine annealing, drop path {task.drop_path_rate}, Dice loss.
 - Output: {outputs}.
-- Validation every {task.val_interval} epochs: sliding window {roi}, overlap 0.5, constant blending;
+- Validation every {task.val_interval} epochs: sliding window {roi}, overlap {pipeline.SW_OVERLAP}, {pipeline.SW_MODE} blending;
   {metrics}; the best model is saved as `models/model.pt`.
-{hippocampus}{void}
+{note}{void}
 ## Commands
 Run from this folder. CPU works (slowly); a GPU is used when present (AMP on).
 
@@ -626,8 +543,7 @@ python -m monai.bundle run --config_file configs/pretrain.json     # writes mode
 python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint models/pretrained.pt
 ```
 `configs/pretrain.json` pre-trains the encoder on this task's images (reconstruction of cut-out
-views, rotation classes, BYOL; Adam 4e-5, weight decay 1.5e-6, 10 warm-up epochs then cosine;
-batch {batch}, gradient accumulation {accumulation}, {epochs} epochs, crops {ssl_roi}). The BYOL target moves
+views, rotation classes, BYOL; {task.pretrain.describe()}). The BYOL target moves
 once per optimiser step; each loss and a collapse signal go to TensorBoard, and a warning names the
 epoch if the projections collapse. Several GPUs: `torchrun ... --config_file
 "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"`. Out-of-task pre-training:
@@ -654,15 +570,14 @@ at this ROI against MONAI's SwinUNETR on your GPU.
 
 
 def pretraining_readme(task: Task) -> str:
-    batch, accumulation, epochs, roi = task.pretrain
-    roi = " x ".join(map(str, roi))
-    intensity = ("Hounsfield units clipped to " + str(list(task.intensity[1:])) + " and scaled to 0..1"
-                 if task.intensity[0] == "ct" else "non-zero voxels normalised")
+    roi = " x ".join(map(str, task.pretrain.roi_size))
+    intensity = task.intensity.describe()
     return f"""# {task.title}
 
-{task.description}. Out-of-task pre-training as in the QT-UNet thesis (SPEC.md section 4): the encoder
+{task.description}. Out-of-task pre-training as in the QT-UNet thesis (section 4 of the repository's
+docs/architecture.md): the encoder
 learns from unlabelled volumes, then initialises any task bundle. Generated from
-`qtunet_monai/tasks.py` (`python -m qtunet_monai generate_bundles`).
+`qtunet_monai/tasks.py` (`python tools/generate_bundles.py` in the repository).
 
 ## Data
 {task.data_docs}
@@ -677,8 +592,8 @@ python -m qtunet_monai prepare_data {task.data} /path/to/volume/tree --output_fi
 crop, each an independent draw of a 0/90/180/270 degree rotation in the axial plane and random
 cut-out boxes. Heads: reconstruction (transposed convolution, L1 against the un-masked view),
 rotation (MLP with BatchNorm and ReLU, cross-entropy), BYOL (projector, predictor, EMA target,
-symmetrised cosine loss); the loss is their unweighted sum. Adam 4e-5, weight decay 1.5e-6, 10
-warm-up epochs then cosine; batch {batch} x {accumulation} accumulation, {epochs} epochs (per GPU; the thesis used 2).
+symmetrised cosine loss); the loss is their unweighted sum. {task.pretrain.describe()} (per GPU; the
+thesis used 2).
 
 ## Commands
 ```bash
@@ -704,43 +619,43 @@ names the epoch. The thesis' Base model collapsed on CT-SSL unnoticed; this is w
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _holds_objects(value) -> bool:
-    """A non-empty list or dict whose first element is itself an object (a transform list, a sub-config)."""
-    if not isinstance(value, (dict, list)) or not value:
-        return False
-    first = value[0] if isinstance(value, list) else next(iter(value.values()))
-    return isinstance(first, dict)
+def _expressions(value) -> list[str]:
+    """Every ``$`` expression string inside a config."""
+    if isinstance(value, str):
+        return [value] if value.startswith("$") else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [e for v in items for e in _expressions(v)]
 
 
-def _dumps(value, indent: int = 0, width: int = 118) -> str:
-    """JSON with one short object or list per line, so transform lists read like pipelines: a value
-    stays on one line when it fits and is not an object holding lists of objects."""
-    flat = json.dumps(value)
-    nested = isinstance(value, dict) and any(_holds_objects(v) for v in value.values())
-    if not isinstance(value, (dict, list)) or (len(flat) + indent <= width and not nested):
-        return flat
-    pad, inner = " " * indent, " " * (indent + 4)
-    if isinstance(value, list):
-        items = [inner + _dumps(v, indent + 4, width) for v in value]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    items = [f"{inner}{json.dumps(k)}: {_dumps(v, indent + 4, width - len(json.dumps(k)) - 2)}"
-             for k, v in value.items()]
-    return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+def _prune_imports(config: dict, *merged_with: dict) -> dict:
+    """Drop the ``imports`` that no expression of ``config`` (or of the overlays it is merged with) uses."""
+    if "imports" not in config:
+        return config
+    used = " ".join(e for c in (config, *merged_with) for e in _expressions(c) if not e.startswith("$import"))
+    keep = [i for i in config["imports"] if re.search(rf"\b{re.escape(i.split()[-1])}\b", used)]
+    return {**config, "imports": keep} if keep else {k: v for k, v in config.items() if k != "imports"}
+
+
+def _dumps(value) -> str:
+    """The model zoo's layout (``json.dumps(indent=4)``) with a trailing newline."""
+    return json.dumps(value, indent=4) + "\n"
 
 
 def render_bundle(task: Task) -> dict[str, str]:
     """The bundle's generated files: relative path -> text."""
     files = {"configs/metadata.json": metadata(task)}
     if not task.pretraining_only:
+        train, evaluate, multi_gpu = train_config(task), evaluate_config(task), multi_gpu_config(task)
         files.update({
-            "configs/train.json": train_config(task),
-            "configs/evaluate.json": evaluate_config(task),
-            "configs/inference.json": inference_config(task),
-            "configs/multi_gpu_train.json": multi_gpu_config(task),
+            "configs/train.json": _prune_imports(train, evaluate, multi_gpu),
+            "configs/evaluate.json": evaluate,
+            "configs/inference.json": _prune_imports(inference_config(task)),
+            "configs/multi_gpu_train.json": multi_gpu,
         })
-    files["configs/pretrain.json"] = pretrain_config(task)
-    files["configs/multi_gpu_pretrain.json"] = multi_gpu_pretrain_config(task)
-    out = {path: _dumps(content) + "\n" for path, content in files.items()}
+    pretrain, multi_gpu_pretrain = pretrain_config(task), multi_gpu_pretrain_config(task)
+    files["configs/pretrain.json"] = _prune_imports(pretrain, multi_gpu_pretrain)
+    files["configs/multi_gpu_pretrain.json"] = multi_gpu_pretrain
+    out = {path: _dumps(content) for path, content in files.items()}
     out["configs/logging.conf"] = LOGGING_CONF
     out[".gitignore"] = "# written by the commands in docs/README.md\ndata/\nmodels/\neval/\n"
     out["LICENSE"] = (REPO / "LICENSE").read_text() if (REPO / "LICENSE").is_file() else ""
@@ -772,3 +687,25 @@ def check_bundles(root: str | Path = REPO / "bundles") -> list[str]:
             if not path.is_file() or path.read_text() != text:
                 stale.append(str(path))
     return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write the bundles, or with ``--check`` list the generated files that drifted."""
+    parser = argparse.ArgumentParser(description="(Re)write bundles/ from qtunet_monai/tasks.py.")
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit status 1 on drift")
+    parser.add_argument("--root", default=str(REPO / "bundles"), help="the bundles folder (default: %(default)s)")
+    parser.add_argument("names", nargs="*", help="bundle folders or data keys to write (default: all)")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = check_bundles(args.root)
+        if stale:
+            print("out of date (run python tools/generate_bundles.py):\n  " + "\n  ".join(stale))
+            return 1
+        print("all bundles match qtunet_monai/tasks.py")
+        return 0
+    print(f"{len(write_bundles(args.root, args.names or None))} files written under {args.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
