@@ -1,11 +1,19 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""What the bundles need beyond MONAI: checked data lists, checkpoints that survive a killed run, region
-and void-class transforms and the void-masked loss. (The bundles themselves are written by the repository's
-``tools/generate_bundles.py``.)"""
+"""What the bundles need beyond MONAI: checked data lists, checkpoints and predictions that survive a
+killed run, region and void-class transforms and the void-masked loss. (The bundles themselves are written
+by the repository's ``tools/generate_bundles.py``.)
 
-from .checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, load_pretrained
-from .datalist import DataError, check_cases, load_datalist
+Importing this package (every bundle config does) installs :func:`~.errors.install_excepthook`, so
+that a data or checkpoint error ends the run with its own one-line message rather than MONAI's
+``Failed to evaluate ConfigExpression`` traceback; ``QTUNET_MONAI_DEBUG=1`` shows the traceback too.
+"""
+
+from .checkpoints import (BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss, atomic_save, load_pretrained,
+                          prepare_folder)
+from .datalist import check_cases, load_datalist
 from .distributed import DeviceError, init_distributed, local_gpu, local_rank, process_device
+from .errors import CheckpointError, DataError, NonFiniteError, OutputError, ReportedError, install_excepthook
+from .files import AtomicNibabelWriter, AtomicPILWriter, check_writable, clean_stale_temporaries
 from ..networks.imagenet import load_imagenet_swin
 from .optim import no_weight_decay_names, param_groups
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
@@ -13,6 +21,17 @@ from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaske
 __all__ = [
     "BestModelSaver",
     "ResumeCheckpoint",
+    "StopOnNonFiniteLoss",
+    "prepare_folder",
+    "ReportedError",
+    "CheckpointError",
+    "OutputError",
+    "NonFiniteError",
+    "install_excepthook",
+    "check_writable",
+    "clean_stale_temporaries",
+    "AtomicNibabelWriter",
+    "AtomicPILWriter",
     "atomic_save",
     "load_pretrained",
     "load_imagenet_swin",
@@ -31,3 +50,5 @@ __all__ = [
     "MaskVoidd",
     "VoidMaskedDiceLoss",
 ]
+
+install_excepthook()

@@ -9,40 +9,74 @@ over the target, which is atomic on POSIX file systems.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["atomic_save", "ResumeCheckpoint", "BestModelSaver", "load_pretrained"]
+from .errors import CheckpointError, NonFiniteError, OutputError
+from .files import check_writable, clean_stale_temporaries, replace_atomically, temporary_path
+
+__all__ = ["atomic_save", "ResumeCheckpoint", "BestModelSaver", "StopOnNonFiniteLoss", "load_pretrained",
+           "non_finite_tensors", "prepare_folder", "load_failure"]
 
 logger = logging.getLogger(__name__)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it."""
+    """``torch.save`` to a temporary file beside ``path`` (named after this host and process, see
+    :func:`~qtunet_monai.bundle.files.clean_stale_temporaries`), flushed to disk, then renamed over it.
+
+    Raises:
+        OutputError: the file cannot be written (read-only folder, full disk); the previous file is kept.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot be written ({e.strerror or e}).") from e
+    try:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        replace_atomically(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: could not be written ({e.strerror or e}); the previous file is kept.") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def load_failure(error: Exception) -> str:
+    """One line saying why ``torch.load`` failed; for a refused pickle, the global it refused (torch's own
+    message starts by explaining how to load the file unsafely, which is not what to do with an untrusted file)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = [line for line in lines if "unsupported global" in line.lower() or "unsupported operand" in line.lower()]
+    if refused:
+        return f"refused by the weights-only loader, the file holds code or objects ({refused[0]})"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def non_finite_tensors(state: Mapping) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinite values."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _finite_state(network, path: Path, when: str) -> dict:
+    state = _unwrap(network).state_dict()
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteError(f"{path}: not written, the network's weights are not finite {when} "
+                             f"({len(bad)} tensor(s), e.g. {bad[0]}); the previous file is kept.")
+    return state
+
+
+def prepare_folder(folder: str | os.PathLike) -> None:
+    """At start-up: the folder must be writable, and temporaries of killed runs are removed from it."""
+    check_writable(folder)
+    clean_stale_temporaries(folder)
 
 
 def _unwrap(module):
@@ -52,9 +86,11 @@ def _unwrap(module):
 class ResumeCheckpoint:
     """Save everything training needs after every epoch, and optionally resume from it.
 
-    The checkpoint holds the model, optimiser and scheduler state dicts and the engine's epoch and
-    iteration; a killed run loses at most the epoch in progress. With ``resume=True`` the file is
-    loaded when the engine starts (``weights_only=True``) and training continues from the saved epoch.
+    The checkpoint holds the model, optimiser and scheduler state dicts, the engine's epoch and
+    iteration and the evaluator's best metric and its epoch; a killed run loses at most the epoch in
+    progress, and a worse epoch after resuming does not replace the best model. With ``resume=True``
+    the file is loaded when the engine starts (``weights_only=True``) and training continues from the
+    saved epoch. At start-up the folder must be writable and temporaries of killed writes are removed.
 
     Args:
         path: checkpoint file, e.g. ``models/resume.pt``.
@@ -63,27 +99,35 @@ class ResumeCheckpoint:
         lr_scheduler: its scheduler, or None.
         resume: load ``path`` at start if it exists (a missing file starts from scratch, with a warning).
         save: write ``path`` after every epoch (switch off on ranks > 0).
+        evaluator: the validation engine whose ``best_metric`` and ``best_metric_epoch`` are kept, or None.
     """
 
-    def __init__(self, path: str, network, optimizer, lr_scheduler=None, resume: bool = False, save: bool = True):
+    def __init__(self, path: str, network, optimizer, lr_scheduler=None, resume: bool = False, save: bool = True,
+                 evaluator: Engine | None = None):
         self.path = Path(path)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
-        self.resume, self.save = resume, save
+        self.resume, self.save, self.evaluator = resume, save, evaluator
 
     def attach(self, engine: Engine) -> None:
+        if self.save:
+            prepare_folder(self.path.parent)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         if self.save:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
     def state_dict(self, engine: Engine) -> dict:
-        return {
-            "model": _unwrap(self.network).state_dict(),
+        state = {
+            "model": _finite_state(self.network, self.path, f"after epoch {engine.state.epoch}"),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else {},
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
         }
+        if self.evaluator is not None:
+            state["best_metric"] = float(getattr(self.evaluator.state, "best_metric", -1))
+            state["best_metric_epoch"] = int(getattr(self.evaluator.state, "best_metric_epoch", -1))
+        return state
 
     def write(self, engine: Engine) -> None:
         atomic_save(self.state_dict(engine), self.path)
@@ -95,14 +139,19 @@ class ResumeCheckpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RuntimeError(f"cannot read the resume checkpoint {self.path}: {e}") from e
+            raise CheckpointError(f"cannot read the resume checkpoint {self.path}: {load_failure(e)}") from e
         _unwrap(self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"]:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         engine.state.epoch = int(state["epoch"])
         engine.state.iteration = int(state["iteration"])
-        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} (iteration {engine.state.iteration}).")
+        best = ""
+        if self.evaluator is not None and state.get("best_metric_epoch", -1) != -1:
+            self.evaluator.state.best_metric = float(state["best_metric"])
+            self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+            best = f"; best metric {state['best_metric']:.4f} at epoch {state['best_metric_epoch']}"
+        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} (iteration {engine.state.iteration}){best}.")
 
 
 class BestModelSaver:
@@ -110,6 +159,8 @@ class BestModelSaver:
     improves (MONAI evaluators track ``state.best_metric`` and ``state.best_metric_epoch``).
 
     The file is a plain state dict, as MONAI's bundle tools and MONAI Label expect of ``model.pt``.
+    It is written only in the epoch that set the best metric (a best metric restored by
+    :class:`ResumeCheckpoint` belongs to an earlier epoch), and never with non-finite weights.
 
     Args:
         path: e.g. ``models/model.pt``.
@@ -119,18 +170,57 @@ class BestModelSaver:
 
     def __init__(self, path: str, network, save: bool = True):
         self.path, self.network, self.save = Path(path), network, save
-        self._saved_for: tuple | None = None
 
     def attach(self, engine: Engine) -> None:
         if self.save:
+            prepare_folder(self.path.parent)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        best = (getattr(engine.state, "best_metric_epoch", -1), getattr(engine.state, "best_metric", None))
-        # the evaluator's own epoch is always 1: best_metric_epoch is the trainer's epoch of the best
-        if best[0] != -1 and best != self._saved_for:
-            atomic_save(_unwrap(self.network).state_dict(), self.path)
-            self._saved_for = best
+        # the evaluator runs as epoch <trainer's epoch> (ValidationHandler), so a new best has the current epoch
+        if getattr(engine.state, "best_metric_epoch", -1) == engine.state.epoch:
+            metric = getattr(engine.state, "best_metric", None)
+            atomic_save(_finite_state(self.network, self.path, f"at epoch {engine.state.epoch} (metric {metric})"),
+                        self.path)
+
+
+def _batch_files(batch) -> list[str]:
+    """The image files of a (collated or decollated) batch, from the MetaTensors' ``filename_or_obj``."""
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    files: list[str] = []
+    for item in items:
+        image = item.get("image") if isinstance(item, Mapping) else None
+        name = getattr(image, "meta", {}).get("filename_or_obj") if image is not None else None
+        files += [str(n) for n in name] if isinstance(name, (list, tuple)) else [str(name)] if name else []
+    return files
+
+
+class StopOnNonFiniteLoss:
+    """Stop training at the first NaN or infinite loss, naming the iteration and the batch's files.
+
+    Ignite's ``TerminateOnNan`` ends the run quietly (exit status 0); this raises a
+    :class:`NonFiniteError` instead, before the epoch ends, so no checkpoint of the broken weights is written.
+
+    Args:
+        loss_key: the loss' key in the engine's output (MONAI's trainers: ``loss``).
+    """
+
+    def __init__(self, loss_key: str = "loss"):
+        self.loss_key = loss_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        output = output[0] if isinstance(output, (list, tuple)) and output else output
+        loss = output.get(self.loss_key) if isinstance(output, Mapping) else output
+        value = float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
+        if not math.isfinite(value):
+            files = _batch_files(engine.state.batch)
+            raise NonFiniteError(f"{', '.join(files) or 'unknown files'}: the loss became {value} at iteration "
+                                 f"{engine.state.iteration} (epoch {engine.state.epoch}); training stopped, "
+                                 "nothing saved. Check these images' intensities.")
 
 
 def load_pretrained(network, path: str, prefix: str = "", exclude: tuple[str, ...] = (), strict_shapes: bool = True
@@ -151,7 +241,7 @@ def load_pretrained(network, path: str, prefix: str = "", exclude: tuple[str, ..
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read the checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(e)}") from e
     if isinstance(state, Mapping):
         for key in ("model", "state_dict", "network"):
             if key in state and isinstance(state[key], Mapping):
@@ -163,7 +253,7 @@ def load_pretrained(network, path: str, prefix: str = "", exclude: tuple[str, ..
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
                   for k, v in wanted.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if mismatched and strict_shapes:
-        raise ValueError(f"{path} does not fit this network; mismatched shapes:\n  " + "\n  ".join(mismatched))
+        raise CheckpointError(f"{path} does not fit this network; mismatched shapes:\n  " + "\n  ".join(mismatched))
     loadable = {k: state[k] for k in wanted if k in state and tuple(state[k].shape) == tuple(own[k].shape)}
     target.load_state_dict(loadable, strict=False)
     report = {
