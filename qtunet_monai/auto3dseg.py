@@ -296,7 +296,7 @@ def train(config_file, **override) -> float:
     Auto3DSeg ranks with) under ``ckpt_path``. Returns the best validation mean Dice."""
     from ignite.engine import Events
 
-    from .bundle import BestModelSaver, ResumeCheckpoint
+    from .bundle import BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss
 
     if override:
         _save_overrides(config_file, override)
@@ -309,7 +309,9 @@ def train(config_file, **override) -> float:
     rank, _ = _distributed(_device(parser))
     BestModelSaver(str(ckpt / "model.pt"), network, save=rank == 0).attach(evaluator)
     ResumeCheckpoint(str(ckpt / "resume.pt"), network, trainer.optimizer,
-                     resume=bool(parser.get_parsed_content("resume")), save=rank == 0).attach(trainer)
+                     resume=bool(parser.get_parsed_content("resume")), save=rank == 0,
+                     evaluator=evaluator).attach(trainer)
+    StopOnNonFiniteLoss().attach(trainer)
     progress: list[dict] = []
 
     validations: list[int] = []  # on every rank; progress only on rank 0

@@ -192,16 +192,29 @@ def test_stale_temporaries_only_of_dead_writers_on_this_host(tmp_path):
     assert other_host.exists() and legacy_new.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
-def test_read_only_folder_is_refused_at_start_up(tmp_path):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process cannot write to: mode 0555, or for root (who ignores modes) a read-only tmpfs."""
     folder = tmp_path / "models"
     folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        with pytest.raises(OutputError, match="models: cannot write to this folder"):
-            check_writable(folder)
-    finally:
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
         folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root, and mounting a read-only tmpfs is not permitted: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_folder_is_refused_at_start_up(read_only_folder):
+    network = torch.nn.Linear(1, 1)
+    with pytest.raises(OutputError, match="models: cannot write to this folder"):
+        BestModelSaver(str(read_only_folder / "model.pt"), network).attach(None)
+    with pytest.raises(OutputError, match="models: cannot write to this folder"):
+        check_writable(read_only_folder)
 
 
 def test_unusable_checkpoint_folder_is_refused_before_training(tmp_path):

@@ -151,7 +151,8 @@ class ResumeCheckpoint:
             self.evaluator.state.best_metric = float(state["best_metric"])
             self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
             best = f"; best metric {state['best_metric']:.4f} at epoch {state['best_metric_epoch']}"
-        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} (iteration {engine.state.iteration}){best}.")
+        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch} "
+                    f"(iteration {engine.state.iteration}){best}.")
 
 
 class BestModelSaver:

@@ -131,7 +131,8 @@ def check_cases(
         return good
     if found:
         raise DataError(_summary(found))
-    logger.info(f"checked {len(items)} case(s): channels, shapes{', intensities and labels' if check_values else ''} ok.")
+    checked = ", intensities and labels" if check_values else ""
+    logger.info(f"checked {len(items)} case(s): channels, dimensions, shapes{checked} ok.")
     return list(items)
 
 

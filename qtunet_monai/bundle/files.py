@@ -26,7 +26,8 @@ __all__ = ["temporary_path", "replace_atomically", "clean_stale_temporaries", "c
 logger = logging.getLogger(__name__)
 
 # .<target name>.<host>.<pid>.<mkstemp's random part>.tmp[<target's extension>]
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp(\.[A-Za-z0-9.]+)?$")
+_TEMPORARY = re.compile(
+    r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp(\.[A-Za-z0-9.]+)?$")
 # earlier versions' name without host and pid: .<target name>.<random>.tmp
 _LEGACY = re.compile(r"^\.(?P<target>.+\.pt)\.[a-z0-9_]{8}\.tmp$")
 LEGACY_AGE_S = 3600.0
