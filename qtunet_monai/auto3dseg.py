@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from . import pipeline
+from .utils import unwrap_module, unwrap_state_dict
 
 __all__ = ["TemplateError", "fill_hyper_parameters", "load_config", "build_transforms", "train", "validate",
            "InferClass"]
@@ -340,7 +341,7 @@ def validate(config_file, **override) -> float:
     network, _, evaluator = _engines(parser, train_files, val_files)
     state = torch.load(Path(parser.get_parsed_content("ckpt_path")) / "model.pt", map_location="cpu",
                        weights_only=True)
-    (network.module if hasattr(network, "module") else network).load_state_dict(state)
+    unwrap_module(network).load_state_dict(unwrap_state_dict(state))
     evaluator.run()
     score = float(evaluator.state.metrics["val_mean_dice"])
     print(json.dumps({"val_mean_dice": score}))
@@ -359,7 +360,8 @@ class InferClass:
         self.device = _device(self.parser)
         self.network = self.parser.get_parsed_content("network").to(self.device).eval()
         weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
-        self.network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+        state = torch.load(weights, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(unwrap_state_dict(state))
         self.transforms = Compose(build_transforms(self.parser, "infer"))
         values = _values(self.parser)
         self.activation = pipeline.instantiate(pipeline.activation(self.parser.get_parsed_content("sigmoid")), **values)

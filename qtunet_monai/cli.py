@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Callable, NamedTuple
 
 import fire
 
@@ -144,6 +145,51 @@ def demo_report(bundle_dir: str = "bundles/qtunet_demo_brain_tissue_segmentation
     (root / "eval" / "demo_report.json").write_text(json.dumps(scores, indent=1))
 
 
+class _DataSet(NamedTuple):
+    """How to write a task's fake data set and how to turn its download into a data list."""
+
+    write_fake: Callable[[str, int], object]
+    datalist: Callable[[str, str, int], object]
+
+
+def _data_sets() -> dict[str, _DataSet]:
+    """The data keys of :data:`qtunet_monai.tasks.TASKS` (except the demo, which has real data) -> their
+    readers; imported on use, so the command line starts fast."""
+    from .data.brats import brats_datalist, write_fake_brats
+    from .data.btcv import btcv_datalist, write_fake_btcv
+    from .data.cityscapes import cityscapes_datalist, write_fake_cityscapes
+    from .data.folders import volume_tree_datalist, write_fake_volume_tree
+    from .data.msd import MSD_TASKS, msd_datalist, write_fake_msd
+
+    table = {
+        "brats21": _DataSet(lambda root, seed: write_fake_brats(root, seed=seed), brats_datalist),
+        "btcv": _DataSet(lambda root, seed: write_fake_btcv(root, seed=seed),
+                         lambda root, out, seed: btcv_datalist(root, out)),
+        "ctssl": _DataSet(lambda root, seed: write_fake_volume_tree(root, "CT", seed=seed),
+                          lambda root, out, seed: volume_tree_datalist(root, out)),
+        "mrissl": _DataSet(lambda root, seed: write_fake_volume_tree(root, "MR", seed=seed),
+                           lambda root, out, seed: volume_tree_datalist(root, out)),
+    }
+    for key in ("cityscapes", "cityscapescat"):  # same files; the bundle maps the label ids
+        table[key] = _DataSet(lambda root, seed: write_fake_cityscapes(root, seed=seed),
+                              lambda root, out, seed: cityscapes_datalist(root, out))
+    for name in MSD_TASKS:
+        table[f"msd_{name}"] = _DataSet(lambda root, seed, name=name: write_fake_msd(root, name, seed=seed),
+                                        lambda root, out, seed, name=name: msd_datalist(root, name, out, seed=seed))
+    return table
+
+
+def _data_set(task: str) -> _DataSet:
+    from .tasks import get_task
+
+    key = get_task(task).data
+    table = _data_sets()
+    if key not in table:
+        raise ValueError(f"{task!r} has no fake data or data list reader: the demo has real data and its own data "
+                         "list (python -m qtunet_monai prepare_demo).")
+    return table[key]
+
+
 def fake_data(task: str, root: str, seed: int = 0) -> None:
     """Write a tiny fake data set in a task's official download layout (right channels, label values,
     file names), so its bundle runs end to end anywhere.
@@ -154,31 +200,7 @@ def fake_data(task: str, root: str, seed: int = 0) -> None:
         root: the folder to write into (then give the same folder to prepare_data).
         seed: random seed.
     """
-    from .tasks import get_task
-
-    key = get_task(task).data
-    if key == "brats21":
-        from .data.brats import write_fake_brats as write
-
-        folder = write(root, seed=seed)
-    elif key == "btcv":
-        from .data.btcv import write_fake_btcv as write
-
-        folder = write(root, seed=seed)
-    elif key.startswith("msd_"):
-        from .data.msd import write_fake_msd
-
-        folder = write_fake_msd(root, key[4:], seed=seed)
-    elif key in ("cityscapes", "cityscapescat"):
-        from .data.cityscapes import write_fake_cityscapes
-
-        folder = write_fake_cityscapes(root, seed=seed)
-    elif key in ("ctssl", "mrissl"):
-        from .data.folders import write_fake_volume_tree
-
-        folder = write_fake_volume_tree(root, "CT" if key == "ctssl" else "MR", seed=seed)
-    else:
-        raise ValueError(f"no fake data for {task!r}: the demo has real data (python -m qtunet_monai prepare_demo).")
+    folder = _data_set(task).write_fake(root, seed)
     print(f"fake data written: {folder}")
 
 
@@ -193,31 +215,7 @@ def prepare_data(task: str, root: str, output_file: str, seed: int = 0) -> None:
         output_file: the data list JSON to write, e.g. the bundle's data/datalist.json.
         seed: split seed (BraTS, MSD).
     """
-    from .tasks import get_task
-
-    key = get_task(task).data
-    if key == "brats21":
-        from .data.brats import brats_datalist
-
-        out = brats_datalist(root, output_file, seed)
-    elif key == "btcv":
-        from .data.btcv import btcv_datalist
-
-        out = btcv_datalist(root, output_file)
-    elif key.startswith("msd_"):
-        from .data.msd import msd_datalist
-
-        out = msd_datalist(root, key[4:], output_file, seed=seed)
-    elif key in ("cityscapes", "cityscapescat"):
-        from .data.cityscapes import cityscapes_datalist
-
-        out = cityscapes_datalist(root, output_file)
-    elif key in ("ctssl", "mrissl"):
-        from .data.folders import volume_tree_datalist
-
-        out = volume_tree_datalist(root, output_file)
-    else:
-        raise ValueError(f"{task!r}: the demo writes its own data list (python -m qtunet_monai prepare_demo).")
+    out = _data_set(task).datalist(root, output_file, seed)
     counts = {k: len(v) for k, v in json.loads(open(out).read()).items()}
     print(f"data list written: {out} {counts}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from . import __version__
 from .data.brats import BRATS_LABEL_VALUES, BRATS_REGIONS
 from .data.btcv import BTCV_ORGANS
 from .data.cityscapes import CATEGORY_MAP, CATEGORY_NAMES, CLASS_MAP, CLASS_NAMES, MEAN, STD
@@ -107,7 +108,7 @@ class Task:
     pretrain: Pretrain = Pretrain(32, 2, 350, (96, 96, 96))
     pretraining_only: bool = False
     generated_docs: bool = True
-    version: str = "0.1.0"
+    version: str = __version__
     changelog: str = "first release"
     eval_metrics: dict = field(default_factory=dict)
     summary: str = ""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -55,12 +56,31 @@ def test_missing_download_is_named(tmp_path):
 
 
 def test_cli_writes_fake_data_and_the_data_list(tmp_path):
+    """The command line writes the official layout (5 labelled + 1 test case, 2-channel prostate MRI) and a
+    data list with MONAI's 4 / 1 split of absolute paths to those files, which checks clean."""
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "qtunet_monai", "fake_data", "msd_prostate", str(tmp_path)],
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "qtunet_monai", "prepare_data", "msd_prostate", str(tmp_path),
-                    "--output_file", str(tmp_path / "datalist.json")], check=True, capture_output=True)
+    fake = subprocess.run([sys.executable, "-m", "qtunet_monai", "fake_data", "msd_prostate", str(tmp_path)],
+                          check=True, capture_output=True, text=True)
+    folder = tmp_path / "Task05_Prostate"
+    assert f"fake data written: {folder}" in fake.stdout
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == [f"prostate_{i:03d}.nii.gz" for i in range(1, 6)]
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"prostate_{i:03d}.nii.gz" for i in range(1, 6)]
+    assert [p.name for p in (folder / "imagesTs").iterdir()] == ["prostate_006.nii.gz"]
+    assert json.loads((folder / "dataset.json").read_text())["modality"] == {"0": "T2", "1": "ADC"}
+    image = nib.load(folder / "imagesTr" / "prostate_001.nii.gz")
+    assert image.shape[-1] == 2 and len(image.shape) == 4
+
+    prepared = subprocess.run([sys.executable, "-m", "qtunet_monai", "prepare_data", "msd_prostate", str(tmp_path),
+                               "--output_file", str(tmp_path / "datalist.json")],
+                              check=True, capture_output=True, text=True)
+    assert "{'training': 4, 'validation': 1, 'testing': 1}" in prepared.stdout
     datalist = json.loads((tmp_path / "datalist.json").read_text())
+    assert [len(datalist[k]) for k in ("training", "validation", "testing")] == [4, 1, 1]
+    cases = datalist["training"] + datalist["validation"]
+    assert sorted(Path(c["image"]).name for c in cases) == [f"prostate_{i:03d}.nii.gz" for i in range(1, 6)]
+    assert all(Path(c["image"]).is_absolute() and Path(c["image"]).parent == (folder / "imagesTr").resolve()
+               and Path(c["label"]) == (folder / "labelsTr" / Path(c["image"]).name).resolve() for c in cases)
+    assert datalist["testing"] == [{"image": str((folder / "imagesTs" / "prostate_006.nii.gz").resolve())}]
     check_cases(datalist["training"], in_channels=2, num_classes=3)

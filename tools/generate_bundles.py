@@ -22,13 +22,14 @@ import re
 import sys
 from pathlib import Path
 
+import qtunet_monai
 from qtunet_monai import pipeline
 from qtunet_monai.tasks import TASKS, Task
 
 __all__ = ["render_bundle", "write_bundles", "check_bundles", "main"]
 
-# Versions the bundles were tested with (metadata.json); bump together with the package.
-VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.4.6", "qtunet_monai": "0.1.0", "nibabel": "5.4.2",
+# Versions the bundles were tested with (metadata.json); the package's own comes from qtunet_monai.__version__.
+VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.4.6", "qtunet_monai": qtunet_monai.__version__, "nibabel": "5.4.2",
             "pytorch-ignite": "0.5.5", "tensorboard": "2.21.0", "tqdm": "4.70.1", "pillow": "13.0.0",
             "nilearn": "0.14.1"}
 SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from ..utils import unwrap_module as _unwrap
+from ..utils import unwrap_state_dict
 from .errors import CheckpointError, NonFiniteError, OutputError
 from .files import check_writable, clean_stale_temporaries, replace_atomically, temporary_path
 
@@ -77,10 +79,6 @@ def prepare_folder(folder: str | os.PathLike) -> None:
     """At start-up: the folder must be writable, and temporaries of killed runs are removed from it."""
     check_writable(folder)
     clean_stale_temporaries(folder)
-
-
-def _unwrap(module):
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 class ResumeCheckpoint:
@@ -244,10 +242,7 @@ def load_pretrained(network, path: str, prefix: str = "", exclude: tuple[str, ..
     except Exception as e:
         raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(e)}") from e
     if isinstance(state, Mapping):
-        for key in ("model", "state_dict", "network"):
-            if key in state and isinstance(state[key], Mapping):
-                state = state[key]
-                break
+        state = unwrap_state_dict(state)
     target = _unwrap(network)
     own = target.state_dict()
     wanted = {k: v for k, v in own.items() if k.startswith(prefix) and not k.startswith(tuple(exclude))}

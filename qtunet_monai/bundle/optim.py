@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..utils import unwrap_module as _unwrap
+
 __all__ = ["NO_DECAY_KEYWORD", "no_weight_decay_names", "param_groups"]
 
 #: Swin's ``no_weight_decay_keywords``: what a network without ``no_weight_decay()`` is searched for
 NO_DECAY_KEYWORD = "relative_position_bias_table"
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
 
 
 def no_weight_decay_names(network: nn.Module) -> set[str]:

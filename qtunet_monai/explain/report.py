@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils import unwrap_state_dict
 from .ablation import ablate
 from .figures import distance_figure, slice_figure
 from .maps import (
@@ -287,8 +288,8 @@ def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", co
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {e}") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    if isinstance(state, dict):
+        state = unwrap_state_dict(state)
     try:
         network.load_state_dict(state)
     except RuntimeError as e:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..utils import unwrap_module, unwrap_state_dict
 from .nets.qtunet import QTUNet
 
 __all__ = ["swin_to_qtunet", "load_imagenet_swin"]
@@ -33,13 +34,6 @@ __all__ = ["swin_to_qtunet", "load_imagenet_swin"]
 logger = logging.getLogger(__name__)
 _BLOCK_PARTS = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "norm2": "norm2",
                 "mlp.fc1": "mlp.linear1", "mlp.fc2": "mlp.linear2"}
-
-
-def _unwrap_state(state: Mapping) -> Mapping:
-    for key in ("model", "state_dict"):
-        if key in state and isinstance(state[key], Mapping):
-            return state[key]
-    return state
 
 
 def _merge_offsets(factors: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -54,7 +48,7 @@ def swin_to_qtunet(state: Mapping[str, torch.Tensor], network: QTUNet) -> dict[s
     Raises:
         ValueError: the checkpoint is not a Swin with 4 stages, or its width differs from the network's.
     """
-    state = _unwrap_state(state)
+    state = unwrap_state_dict(state)
     if "patch_embed.proj.weight" not in state or "layers.3.blocks.0.attn.qkv.weight" not in state:
         raise ValueError("not a Swin Transformer checkpoint: 'patch_embed.proj.weight' or "
                          "'layers.3.blocks.0.attn.qkv.weight' is missing.")
@@ -122,7 +116,7 @@ def load_imagenet_swin(network, path: str) -> dict[str, list[str]]:
 
     Returns the loaded and the not-initialised (decoder, head) keys, and logs them.
     """
-    target = network.module if hasattr(network, "module") else network
+    target = unwrap_module(network)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

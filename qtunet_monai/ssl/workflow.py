@@ -16,7 +16,8 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Average
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-from ..bundle.checkpoints import _unwrap, atomic_save
+from ..bundle.checkpoints import atomic_save
+from ..utils import unwrap_module as _unwrap
 from .model import QTUNetSSL, byol_momentum, collapse_signal, ssl_loss
 
 __all__ = ["SSLTrainer", "SSLEvaluator", "CollapseMonitor", "EncoderSaver", "split_validation", "loss_jump",
