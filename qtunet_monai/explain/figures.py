@@ -45,8 +45,8 @@ def slice_figure(
     voxel: Sequence[int],
     spacing: Sequence[float],
     path: str,
-    panel_inches: float = 1.6,
-    dpi: int = 80,
+    panel_inches: float = 1.3,
+    dpi: int = 72,
 ) -> None:
     """One row per map: the map over the image in three orthogonal slices through ``voxel``, which is
     marked with a cross. Each row is scaled to its own maximum (the weights of one query).
@@ -83,7 +83,7 @@ def slice_figure(
     plt.close(fig)
 
 
-def distance_figure(rows: Sequence[dict], path: str, dpi: int = 80) -> None:
+def distance_figure(rows: Sequence[dict], path: str, dpi: int = 72) -> None:
     """Mean attention distance (mm) per block: one dot per head, a bar for the mean over heads.
 
     Args:

@@ -106,5 +106,6 @@ class AttentionRecorder:
 
     def __getitem__(self, name: str) -> Capture:
         if name not in self.captures:
-            raise KeyError(f"{name!r} was not recorded; recorded: {list(self.captures)}.")
+            raise KeyError(f"{name!r} was not recorded (not asked for, or not called as a module: the VT decoder "
+                           f"calls attend() directly); recorded: {list(self.captures)}.")
         return self.captures[name]

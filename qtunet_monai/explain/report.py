@@ -167,6 +167,9 @@ def explain_image(
     if getattr(model, "spatial_dims", 3) != 3:
         raise ValueError("explain_image writes NIfTI volumes and needs a 3D network; use the explain.maps functions "
                          "directly for 2D.")
+    if getattr(model, "decoder_type", "qt") == "vt":
+        raise ValueError("explain_image supports the QT decoder and decoder='none': VT-UNet's blocks call their "
+                         "attention through attend() directly, which the explain hooks do not see.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = (preprocessing or _default_preprocessing())({"image": str(image_file)})

@@ -51,9 +51,9 @@ class AttentionSite:
 
 def attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     """All attention sites of ``model`` by name, in the order the forward pass runs them."""
-    for attribute in ("encoder_stages", "bottleneck", "decoder_stages"):
+    for attribute in ("encoder_stages", "merges", "bottleneck", "patch_embed"):
         if not hasattr(model, attribute):
-            raise ValueError(f"{type(model).__name__} is not a QTUNet: it has no '{attribute}'.")
+            raise ValueError(f"{type(model).__name__} is not a QTUNet (or its encoder): it has no '{attribute}'.")
     sites: dict[str, AttentionSite] = {}
 
     def add(prefix: str, stage: nn.Module, level: int) -> None:
@@ -66,8 +66,9 @@ def attention_sites(model: nn.Module) -> dict[str, AttentionSite]:
     for level, stage in enumerate(model.encoder_stages):
         add(f"encoder.stage{level + 1}", stage, level)
     add("bottleneck", model.bottleneck, len(model.encoder_stages))
-    levels = len(model.decoder_stages)
-    for index, stage in enumerate(model.decoder_stages):  # deep to shallow
+    decoder_stages = getattr(model, "decoder_stages", [])  # none in an encoder alone
+    levels = len(decoder_stages)
+    for index, stage in enumerate(decoder_stages):  # deep to shallow
         add(f"decoder.stage{levels - index}", stage, levels - 1 - index)
     return sites
 
