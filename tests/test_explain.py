@@ -155,3 +155,7 @@ def test_maps_are_written_in_the_input_space(tmp_path):
     lines = (tmp_path / "out" / "attention_distance.csv").read_text().splitlines()
     heads_total = sum(site.module.num_heads for site in attention_sites(net).values())
     assert len(lines) == 1 + heads_total
+    with pytest.raises(ValueError, match="VT-UNet"):
+        explain_image(_net(decoder="vt"), str(image), "15,13,6", str(tmp_path / "vt"), preprocessing)
+    with pytest.raises(ValueError, match="outside the image"):
+        explain_image(net, str(image), "15,13,600", str(tmp_path / "far"), preprocessing, figures=False)
