@@ -2,11 +2,17 @@
 """MONAI Label app serving qtunet bundles:
 
     monailabel start_server --app monailabel_app --studies <folder> --conf models qtunet_demo_brain_tissue_segmentation --host 127.0.0.1
+
+``--conf`` keys: ``models`` (bundle names or folders, comma-separated), ``max_upload_mb`` (default
+1024), ``min_held_out`` (validation images needed to hold labels out of training, default 2),
+``allow_remote_without_auth`` (``true`` to serve beyond loopback without MONAI Label's
+authentication, behind your own authenticating proxy).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from monailabel.config import settings
@@ -15,7 +21,15 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import qtunet_monai
-from qtunet_monai.label import CheckedDatastore, QTUNetInferTask, QTUNetTrainTask, resolve_bundles
+from qtunet_monai import label_checks as checks
+from qtunet_monai.label import (
+    CheckedDatastore,
+    QTUNetInferTask,
+    QTUNetTrainTask,
+    check_request_images,
+    label_values_of,
+    resolve_bundles,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +45,30 @@ class MyApp(MONAILabelApp):
     def init_datastore(self):
         if str(self.studies).startswith(("http://", "https://")):  # DICOMweb and friends as MONAI Label does
             return super().init_datastore()
-        return CheckedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+        max_mb = float(self.conf.get("max_upload_mb", checks.DEFAULT_MAX_UPLOAD_MB))
+        return CheckedDatastore(self.studies, label_values=label_values_of(self.bundles),
+                                max_upload_bytes=int(max_mb * 2**20),
+                                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def server_mode(self, mode: bool):
+        if mode:  # the server is starting: refuse to listen beyond this machine without authentication
+            try:
+                checks.check_bind(checks.host_from_argv(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE,
+                                  str(self.conf.get("allow_remote_without_auth", "false")).lower() == "true")
+            except checks.RequestRefused as e:
+                logger.error(str(e))
+                raise SystemExit(f"qtunet MONAI Label app: {e}") from None
+        super().server_mode(mode)
+
+    def infer(self, request, datastore=None):
+        check_request_images(request, self.datastore(), [self.studies, getattr(self._sessions, "store_path", None)])
+        return super().infer(request, datastore)
+
+    def infer_wsi(self, request, datastore=None):
+        check_request_images(request, self.datastore(), [self.studies, getattr(self._sessions, "store_path", None)])
+        return super().infer_wsi(request, datastore)
 
     def init_infers(self):
         infers = {}
