@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -192,6 +193,7 @@ def _checked_ids(*names: str):
     """Datastore methods whose arguments ``names`` (image/label ids, label tags) must be plain names."""
 
     def wrap(method):
+        @functools.wraps(method)
         def checked(self, *args, **kwargs):
             values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
             with _http():
@@ -199,7 +201,6 @@ def _checked_ids(*names: str):
                     checks.check_name(value, name.replace("_", " "))
             return method(self, *args, **kwargs)
 
-        checked.__name__, checked.__doc__ = method.__name__, method.__doc__
         return checked
 
     return wrap
@@ -223,8 +224,9 @@ def check_request_images(request: dict, datastore, folders: list) -> None:
         if isinstance(image, str):
             if os.path.isabs(image) or "/" in image or "\\" in image:
                 checks.check_image_path(image, "image", folders)
-            else:
-                datastore.get_image_path(image) if isinstance(datastore, CheckedDatastore) else checks.check_name(
-                    image, "image id")
+            elif isinstance(datastore, CheckedDatastore):
+                datastore.get_image_path(image)
+            else:  # DICOMweb and other remote datastores: their ids are not file names here
+                checks.check_name(image, "image id")
         if isinstance(request.get("label"), str):
             checks.check_image_path(request["label"], "label", folders)
