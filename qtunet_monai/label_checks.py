@@ -36,6 +36,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
 from .bundle.datalist import _IMAGE_SUFFIXES, DataError, check_cases
+from .utils import unwrap_module, unwrap_state_dict
 
 __all__ = [
     "RequestRefused",
@@ -337,18 +338,6 @@ def find_cause(error: BaseException, kind: type) -> BaseException | None:
     return None
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") else network
-
-
-def _state_dict(path: str) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
-    return state
-
-
 class RetrainingRound:
     """One round of MONAI Label retraining: the previous model is the score to beat, and the round's
     metrics are written to ``report``.
@@ -378,9 +367,9 @@ class RetrainingRound:
     def validate_previous(self, trainer: Engine) -> None:
         if not Path(self.previous).is_file():
             return
-        network = _unwrap(self.network)
+        network = unwrap_module(self.network)
         start = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        network.load_state_dict(_state_dict(self.previous))
+        network.load_state_dict(unwrap_state_dict(torch.load(self.previous, map_location="cpu", weights_only=True)))
         self.validator.run(0)
         network.load_state_dict(start)
         self.summary["previous_metric"] = _number(self.validator.state.best_metric)
