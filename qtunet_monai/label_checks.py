@@ -119,11 +119,9 @@ def check_image_path(path: str, what: str, folders: Sequence[str | os.PathLike])
         RequestRefused: (400) otherwise; the file is not opened.
     """
     allowed = [f for f in folders if f]
-    if os.path.isabs(path) and ".." not in Path(path).parts:
-        if any(inside(path, f) for f in allowed):
-            return path
-        if _is_upload_copy(path):
-            return path
+    if os.path.isabs(path) and ".." not in Path(path).parts and (
+            any(inside(path, f) for f in allowed) or _is_upload_copy(path)):
+        return path
     raise RequestRefused(f"{what} {path!r} is not an image id of the datastore: give the id of an image in the "
                          "studies folder (see /datastore/), or upload the file.")
 
