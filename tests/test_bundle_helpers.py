@@ -53,10 +53,10 @@ def test_finetune_initialisation_copies_the_encoder_and_reports_keys(tmp_path):
 
 def test_finetune_refuses_mismatched_shapes_with_their_names(tmp_path):
     atomic_save(QTUNet(1, 4, feature_size=12).state_dict(), tmp_path / "pre.pt")
-    with pytest.raises(ValueError, match=r"classifier.weight: checkpoint \(4, 12\) vs network \(7, 12\)"):
+    with pytest.raises(ValueError, match=r"head.classifier.weight: checkpoint \(4, 12\) vs network \(7, 12\)"):
         load_pretrained(QTUNet(1, 7, feature_size=12), str(tmp_path / "pre.pt"))
     report = load_pretrained(QTUNet(1, 7, feature_size=12), str(tmp_path / "pre.pt"), strict_shapes=False)
-    assert report["missing"] == ["classifier.weight"]
+    assert report["missing"] == ["head.classifier.weight"]
 
 
 def test_finetune_names_an_unreadable_checkpoint(tmp_path):

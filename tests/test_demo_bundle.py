@@ -90,7 +90,7 @@ def test_monai_bundle_checks(bundle):
 def test_train_evaluate_infer_end_to_end(bundle, demo_data):
     _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1")
     model = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert "classifier.weight" in model  # a plain state dict, as MONAI's tools expect
+    assert "head.classifier.weight" in model  # a plain state dict, as MONAI's tools expect
     resume = torch.load(bundle / "models" / "resume.pt", weights_only=True)
     assert resume["epoch"] == 2 and {"model", "optimizer", "lr_scheduler"} <= set(resume)
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"

@@ -98,7 +98,7 @@ def test_load_from_file_reports_and_refuses_wrong_width(tmp_path):
     torch.save(random_swin_tiny(official=True), path)
     net = QTUNet(4, 3, variant="base")
     report = load_imagenet_swin(net, str(path))
-    assert "patch_embed.proj.weight" in report["loaded"] and "classifier.weight" in report["missing"]
+    assert "patch_embed.proj.weight" in report["loaded"] and "head.classifier.weight" in report["missing"]
     assert net(torch.randn(1, 4, 32, 32, 32)).shape == (1, 4 - 1, 32, 32, 32)
     with pytest.raises(ValueError, match="width C=96 but the network C=48"):
         load_imagenet_swin(QTUNet(4, 3, variant="tiny"), str(path))

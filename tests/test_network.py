@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
+from monai.losses import DeepSupervisionLoss, DiceLoss
 
 from qtunet_monai import QTUNet
+from qtunet_monai.networks import QTUNetEncoder
+from qtunet_monai.networks.blocks import DecoderSubBlock, WindowAttention
 from qtunet_monai.networks.blocks.windows import _cached_geometry, window_geometry
 
 # A small width keeps every test fast; window 3 makes shifted windows appear on small maps.
@@ -76,9 +81,8 @@ def test_gradients_reach_every_parameter(config):
 def test_checkpointing_gives_same_output_and_gradients(decoder):
     plain = _net(decoder=decoder, drop_path_rate=0.2)
     checkpointed = copy.deepcopy(plain)
-    for m in checkpointed.modules():
-        if hasattr(m, "use_checkpoint"):
-            m.use_checkpoint = True
+    checkpointed.set_grad_checkpointing()
+    assert all(stage.use_checkpoint for stage in checkpointed.decoder_stages) and checkpointed.head.use_checkpoint
     x = torch.randn(1, 2, 20, 24, 16)
     outputs, grads = [], []
     for net in (plain, checkpointed):
@@ -187,9 +191,128 @@ def test_overfits_one_synthetic_volume():
 
 def test_chunked_inference_head_equals_the_full_head():
     net = _net().eval()
-    net.head_expand.inference_chunk = 50  # far fewer tokens than the map has, so the head runs in chunks
+    net.head.expand.inference_chunk = 50  # far fewer tokens than the map has, so the head runs in chunks
     x = torch.randn(1, 2, 40, 36, 28)
     with torch.no_grad():
         chunked = net(x)
     full = net(x).detach()  # gradients on: the head runs in one piece
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-4)
+
+
+def test_an_explicit_feature_size_that_contradicts_the_variant_is_an_error():
+    with pytest.raises(ValueError, match=r"variant='base' means feature_size=96, but feature_size=48"):
+        QTUNet(1, 2, feature_size=48, variant="base")
+    assert QTUNet(1, 2, feature_size=96, variant="base").feature_size == 96
+    assert QTUNet(1, 2, variant="small").feature_size == 72
+    assert QTUNet(1, 2).feature_size == 48
+
+
+def test_forward_features_are_what_the_decoder_reads():
+    net = _net(decoder="vt").eval()
+    x = torch.randn(1, 2, 40, 36, 28)
+    with torch.no_grad():
+        features = net.forward_features(x)
+        assert [tuple(s.shape) for s in features.skips] == [(1, 10, 9, 7, 12), (1, 5, 5, 4, 24), (1, 3, 3, 2, 48)]
+        assert features.bottleneck.shape == (1, 2, 2, 1, 96)
+        assert [len(kv) for kv in features.keys_values] == [2, 2, 2]  # the VT decoder reads them per sub-block
+        decoded = net.forward_decoder(features)
+        torch.testing.assert_close(net.head(decoded[-1], x.shape[2:]), net(x))
+    assert _net(decoder="qt").forward_features(x).keys_values is None
+
+
+def test_the_encoder_alone_builds_no_decoder_and_matches_qtunets_encoder():
+    net = _net().eval()
+    encoder = QTUNetEncoder(2, **SMALL).eval()
+    assert not any(k.startswith(("decoder_stages", "expansions", "skip_projections", "head")) for k in encoder.state_dict())
+    report = net.load_state_dict(encoder.state_dict(), strict=False)
+    assert report.unexpected_keys == []
+    x = torch.randn(1, 2, 32, 32, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), net.forward_features(x).bottleneck.movedim(-1, 1))
+
+
+def test_no_weight_decay_names_exactly_the_relative_position_bias_tables():
+    net = _net(decoder="qt")
+    tables = {f"{name}.relative_position_bias_table" for name, m in net.named_modules()
+              if isinstance(m, WindowAttention)}
+    assert net.no_weight_decay() == tables
+    assert len(tables) == 2 * 3 + 1 + 2 * 2 * 3  # encoder pairs, bottleneck, decoder pairs with self and cross
+    # usable as parameter groups: every parameter in exactly one group
+    decay = [p for n, p in net.named_parameters() if n not in net.no_weight_decay()]
+    torch.optim.AdamW([{"params": decay}, {"params": [net.get_parameter(n) for n in tables], "weight_decay": 0.0}])
+
+
+@pytest.mark.parametrize("decoder", ["qt", "vt", "none"])
+def test_every_decoder_sub_block_has_the_one_interface(decoder):
+    net = _net(decoder=decoder)
+    blocks = [block for stage in net.decoder_stages for block in stage.blocks]
+    assert all(isinstance(block, DecoderSubBlock) for block in blocks)
+    assert {block.needs_encoder_kv for block in blocks} == {decoder == "vt"}
+    assert net.needs_encoder_kv == (decoder == "vt")
+    block, x = blocks[-1], torch.randn(1, 6, 5, 4, 12)
+    geometry = window_geometry(x.shape[1:-1], 3, 1, x.device)
+    if decoder == "vt":
+        with pytest.raises(ValueError, match="skip_kv"):
+            block(x, geometry, x)
+    else:
+        assert block(x, geometry, torch.randn_like(x)).shape == x.shape
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(3, (1, 2, 37, 29, 23)), (2, (2, 2, 45, 71))])
+@pytest.mark.parametrize("config", [
+    pytest.param({"num_stages": 4}, id="4-stages"),
+    pytest.param({"patch_size": 2}, id="patch-2"),
+    pytest.param({"num_stages": 4, "patch_size": 2, "decoder": "vt"}, id="4-stages-patch-2-vt"),
+])
+def test_four_stages_and_patch_two_take_odd_sizes(config, spatial_dims, shape):
+    net = _net(spatial_dims=spatial_dims, **config)
+    y = net(torch.randn(shape))
+    assert y.shape == (shape[0], 3, *shape[2:])
+    assert torch.isfinite(y).all()
+    stages = config.get("num_stages", 3)
+    assert len(net.encoder_stages) == len(net.decoder_stages) == stages
+    assert net.num_heads == tuple(3 * 2**i for i in range(stages + 1))  # heads double with the width
+    assert net.bottleneck_norm.normalized_shape == (12 * 2**stages,)
+    assert net.head.expand.factors == (config.get("patch_size", 4),) * spatial_dims
+
+
+def test_deep_supervision_outputs_in_training_and_plain_logits_in_eval():
+    net = _net(deep_supervision=True, num_stages=4, patch_size=2)
+    x = torch.randn(2, 2, 37, 29, 23)
+    outputs = net.train()(x)
+    # the full-size logits, then each decoder stage but the last, finest first, on its own token grid
+    grids = [[math.ceil(s / (2 * 2**i)) for s in x.shape[2:]] for i in (1, 2, 3)]
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 37, 29, 23)] + [(2, 3, *g) for g in grids]
+    sum(o.square().mean() for o in outputs).backward()
+    assert all(head.classifier.weight.grad is not None for head in net.aux_heads)
+    with torch.no_grad():
+        logits = net.eval()(x)
+    torch.testing.assert_close(logits, outputs[0].detach())  # no dropout or drop path: train and eval agree
+    plain = _net(num_stages=4, patch_size=2)
+    aux = {k for k in net.state_dict() if k.startswith("aux_heads.")}
+    assert set(net.state_dict()) - aux == set(plain.state_dict())  # deep supervision only adds the heads
+
+
+def test_deep_supervision_network_traces_to_plain_logits():
+    net = _net(deep_supervision=True).train()
+    x = torch.randn(1, 2, 24, 24, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings: the trace is specialised to this size
+        traced = torch.jit.trace(net, x, check_trace=False)
+    y = traced(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (1, 3, 24, 24, 20)
+
+
+def test_deep_supervision_loss_with_zero_auxiliary_weights_is_the_plain_loss():
+    net = _net(deep_supervision=True, spatial_dims=2)
+    x = torch.randn(2, 2, 64, 48)
+    label = torch.randint(0, 3, (2, 1, 64, 48)).float()
+    outputs = net(x)
+    assert len(outputs) == 3
+    dice = DiceLoss(to_onehot_y=True, softmax=True)
+    zero_aux = DeepSupervisionLoss(dice, weights=[1.0, 0.0, 0.0])(outputs, label)
+    torch.testing.assert_close(zero_aux, dice(outputs[0], label))
+    # nnU-Net's halving weights: 1, 1/2, 1/4 of the losses against labels resized to each output
+    halving = DeepSupervisionLoss(dice, weight_mode="exp")(outputs, label)
+    aux = [dice(o, F.interpolate(label, size=o.shape[2:], mode="nearest-exact")) for o in outputs[1:]]
+    torch.testing.assert_close(halving, dice(outputs[0], label) + aux[0] / 2 + aux[1] / 4)

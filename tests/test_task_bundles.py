@@ -109,7 +109,7 @@ def test_bundle_end_to_end_on_fake_data(task, tmp_path, monkeypatch):
 
     run(config_file="configs/train.json", max_epochs=1, val_interval=1, **over)
     model = torch.load("models/model.pt", weights_only=True)
-    assert model["classifier.weight"].shape[0] == task.num_classes
+    assert model["head.classifier.weight"].shape[0] == task.num_classes
     assert torch.load("models/resume.pt", weights_only=True)["epoch"] == 1
 
     run(config_file=["configs/train.json", "configs/evaluate.json"], **over)

@@ -1,3 +1,5 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """The QT-UNet network family (2D and 3D) and its building blocks."""
-from .nets import ARCHITECTURES, VARIANTS, QTUNet, build_architecture
+from .nets import ARCHITECTURES, VARIANTS, EncoderFeatures, QTUNet, QTUNetEncoder, build_architecture
+
+__all__ = ["ARCHITECTURES", "VARIANTS", "EncoderFeatures", "QTUNet", "QTUNetEncoder", "build_architecture"]

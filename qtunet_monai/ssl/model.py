@@ -7,8 +7,9 @@
 - BYOL: online projector and predictor; a target encoder and projector that follow the online ones
   as an exponential moving average and get no gradient; symmetrised cosine loss.
 
-The encoder's parameter names are QT-UNet's (``patch_embed.*``, ``encoder_stages.*``, ``merges.*``,
-``bottleneck.*``, ``bottleneck_norm.*``), so its state dict initialises a task network directly.
+The encoder is :class:`~qtunet_monai.networks.QTUNetEncoder`: only the encoder is built, under
+QT-UNet's parameter names (``patch_embed.*``, ``encoder_stages.*``, ``merges.*``, ``bottleneck.*``,
+``bottleneck_norm.*``), so its state dict initialises a task network directly.
 """
 
 from __future__ import annotations
@@ -17,40 +18,14 @@ import copy
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from ..networks import QTUNet
+from ..networks import QTUNetEncoder
 
-__all__ = ["QTUNetEncoder", "QTUNetSSL", "byol_momentum", "ssl_loss", "collapse_signal"]
+__all__ = ["QTUNetEncoder", "QTUNetSSL", "byol_momentum", "collapse_signal", "ssl_loss"]
 
 ENCODER_KEYS = ("patch_embed.", "encoder_stages.", "merges.", "bottleneck.", "bottleneck_norm.")
-
-
-class QTUNetEncoder(nn.Module):
-    """QT-UNet's encoder (patch embedding, three stages with merging, bottleneck) taken from a
-    :class:`QTUNet`, keeping its parameter names.
-
-    Args:
-        network: the QTUNet whose encoder modules are used (shared, not copied).
-    """
-
-    def __init__(self, network: QTUNet) -> None:
-        super().__init__()
-        self.spatial_dims = network.spatial_dims
-        self.width = network.feature_size * 8
-        self.patch_embed = network.patch_embed
-        self.encoder_stages = network.encoder_stages
-        self.merges = network.merges
-        self.bottleneck = network.bottleneck
-        self.bottleneck_norm = network.bottleneck_norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, *spatial) -> channel-first bottleneck features (B, 8C, *spatial / 32)."""
-        tokens = self.patch_embed(x)
-        for stage, merge in zip(self.encoder_stages, self.merges):
-            tokens = merge(stage(tokens))
-        return self.bottleneck_norm(self.bottleneck(tokens)).movedim(-1, 1)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -67,6 +42,7 @@ class QTUNetSSL(nn.Module):
         spatial_dims: 2 or 3.
         variant: tiny, small or base (sets the width C).
         merge_depth: as :class:`QTUNet` (False for the ``-A`` ablation).
+        num_stages / patch_size: as :class:`QTUNet` (3 and 4 in the thesis).
         projection_dim / hidden_dim: BYOL's projector and predictor sizes.
         head_downsample: pool the encoder output by this factor before the heads (the thesis used 4 in 2D).
         drop_path_rate / use_checkpoint: as :class:`QTUNet`.
@@ -74,21 +50,18 @@ class QTUNetSSL(nn.Module):
 
     def __init__(self, in_channels: int, roi_size, spatial_dims: int = 3, variant: str = "tiny",
                  merge_depth: bool = True, projection_dim: int = 256, hidden_dim: int = 4096,
-                 head_downsample: int | None = None, drop_path_rate: float = 0.0, use_checkpoint: bool = False) -> None:
+                 head_downsample: int | None = None, drop_path_rate: float = 0.0, use_checkpoint: bool = False,
+                 num_stages: int = 3, patch_size: int = 4) -> None:
         super().__init__()
-        network = QTUNet(in_channels, 1, spatial_dims=spatial_dims, variant=variant, merge_depth=merge_depth,
-                         drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint)
-        self.encoder = QTUNetEncoder(network)
+        self.encoder = QTUNetEncoder(in_channels, spatial_dims=spatial_dims, variant=variant, merge_depth=merge_depth,
+                                     num_stages=num_stages, patch_size=patch_size, drop_path_rate=drop_path_rate,
+                                     use_checkpoint=use_checkpoint)
         self.roi_size = tuple(int(s) for s in roi_size)
         if len(self.roi_size) != spatial_dims:
             raise ValueError(f"roi_size {self.roi_size} does not have {spatial_dims} dimensions.")
         self.head_downsample = head_downsample if head_downsample is not None else (4 if spatial_dims == 2 else 1)
         width = self.encoder.width
-        # encoder stride per axis: patch 4, then x2 per merge (depth not merged without merge_depth)
-        stride = [4 * 8] * spatial_dims
-        if spatial_dims == 3 and not merge_depth:
-            stride[-1] = 4
-        stride = [s * self.head_downsample for s in stride]
+        stride = [s * self.head_downsample for s in self.encoder.bottleneck_stride]
         conv_t = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
         self.reconstruction = conv_t(width, in_channels, kernel_size=stride, stride=stride)
         self.rotation = _mlp(width, 512, 4)

@@ -1,12 +1,37 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 from .attention import WindowAttention, WindowCrossAttention
+from .head import SegmentationHead
 from .patching import PatchEmbedding, PatchExpanding, PatchMerging
 from .transformer import (
+    DECODERS,
     DecoderStage,
+    DecoderSubBlock,
     EncoderStage,
     QTDecoderSubBlock,
+    SwinDecoderSubBlock,
     SwinSubBlock,
     VTDecoderSubBlock,
     sinusoidal_position_encoding,
 )
 from .windows import WindowGeometry, relative_position_index, window_geometry
+
+__all__ = [
+    "DECODERS",
+    "DecoderStage",
+    "DecoderSubBlock",
+    "EncoderStage",
+    "PatchEmbedding",
+    "PatchExpanding",
+    "PatchMerging",
+    "QTDecoderSubBlock",
+    "SegmentationHead",
+    "SwinDecoderSubBlock",
+    "SwinSubBlock",
+    "VTDecoderSubBlock",
+    "WindowAttention",
+    "WindowCrossAttention",
+    "WindowGeometry",
+    "relative_position_index",
+    "sinusoidal_position_encoding",
+    "window_geometry",
+]

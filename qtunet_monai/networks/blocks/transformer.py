@@ -7,31 +7,34 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 from monai.networks.blocks import MLPBlock
 from monai.networks.layers import DropPath
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttention, WindowCrossAttention
 from .windows import WindowGeometry, window_geometry
 
 __all__ = [
-    "SwinSubBlock",
-    "QTDecoderSubBlock",
-    "VTDecoderSubBlock",
-    "EncoderStage",
+    "DECODERS",
     "DecoderStage",
-    "sinusoidal_position_encoding",
+    "DecoderSubBlock",
+    "EncoderStage",
+    "QTDecoderSubBlock",
+    "SwinDecoderSubBlock",
+    "SwinSubBlock",
+    "VTDecoderSubBlock",
     "maybe_checkpoint",
+    "sinusoidal_position_encoding",
 ]
 
-DECODERS = ("qt", "vt", "none")
 
-
-class SwinSubBlock(nn.Module):
-    """``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``, attention in windows.
+class _WindowBlock(nn.Module):
+    """What every sub-block has: a pre-LayerNorm windowed self-attention and a pre-LayerNorm MLP, each
+    added back through DropPath. Sub-classes define ``forward``.
 
     Args:
         dim: token width.
@@ -63,24 +66,81 @@ class SwinSubBlock(nn.Module):
     def _windows(self, x: torch.Tensor, norm: nn.Module, geometry: WindowGeometry) -> torch.Tensor:
         return geometry.partition(norm(x))
 
-    def forward(self, x: torch.Tensor, geometry: WindowGeometry):
+    def _self_attention(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+        """``x + DropPath(Attn(LN(x)))``."""
         attended = self.attn(self._windows(x, self.norm1, geometry), geometry)
-        x = x + self.drop_path(geometry.reverse(attended, x.shape[0]))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(geometry.reverse(attended, x.shape[0]))
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``DropPath(MLP(LN(x)))``, to be added to ``x``."""
+        return self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinSubBlock(_WindowBlock):
+    """Encoder sub-block: ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``, attention in
+    windows.
+
+    Args: as :class:`_WindowBlock`.
+    """
+
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+        x = self._self_attention(x, geometry)
+        return x + self._mlp_residual(x)
 
     def forward_with_kv(self, x: torch.Tensor, geometry: WindowGeometry):
         """As :meth:`forward`, also returning this block's keys and values (for the VT decoder)."""
         q, k, v = self.attn.project_qkv(self._windows(x, self.norm1, geometry))
         x = x + self.drop_path(geometry.reverse(self.attn.attend(q, k, v, geometry), x.shape[0]))
-        return x + self.drop_path(self.mlp(self.norm2(x))), (k, v)
+        return x + self._mlp_residual(x), (k, v)
 
 
-class QTDecoderSubBlock(SwinSubBlock):
+class DecoderSubBlock(_WindowBlock):
+    """The one interface of the decoder sub-blocks: ``forward(x, geometry, skip, skip_kv=None)``.
+
+    ``x`` are the decoder tokens, ``skip`` the same-stage encoder features (channels-last, the same
+    grid as ``x``) and ``skip_kv`` the keys and values the matching encoder sub-block computed, given
+    only to blocks whose class sets :attr:`needs_encoder_kv`.
+
+    Args: as :class:`_WindowBlock`.
+    """
+
+    #: whether the block reads the encoder's keys/values (the encoder then computes and keeps them)
+    needs_encoder_kv: ClassVar[bool] = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        geometry: WindowGeometry,
+        skip: torch.Tensor,
+        skip_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SwinDecoderSubBlock(DecoderSubBlock):
+    """A plain Swin sub-block in the decoder (no cross-attention; the QT-UNet-2D-A ablation): the
+    encoder features reach it only through the stage's skip projection.
+
+    Args: as :class:`_WindowBlock`.
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        geometry: WindowGeometry,
+        skip: torch.Tensor,
+        skip_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = self._self_attention(x, geometry)
+        return x + self._mlp_residual(x)
+
+
+class QTDecoderSubBlock(DecoderSubBlock):
     """QT decoder sub-block: windowed self-attention, then windowed cross-attention whose keys and
-    values the block computes itself from the same-stage encoder features, then the MLP; each with
-    its own pre-LayerNorm and residual.
+    values the block computes itself from the same-stage encoder features (``skip``), then the MLP;
+    each with its own pre-LayerNorm and residual.
 
-    Args: as :class:`SwinSubBlock`.
+    Args: as :class:`_WindowBlock`.
     """
 
     def __init__(
@@ -100,13 +160,18 @@ class QTDecoderSubBlock(SwinSubBlock):
             dim, num_heads, window_size, spatial_dims, fused_attention=fused_attention
         )
 
-    def forward(self, x: torch.Tensor, geometry: WindowGeometry, context: torch.Tensor):  # type: ignore[override]
-        batch = x.shape[0]
-        x = x + self.drop_path(geometry.reverse(self.attn(self._windows(x, self.norm1, geometry), geometry), batch))
+    def forward(
+        self,
+        x: torch.Tensor,
+        geometry: WindowGeometry,
+        skip: torch.Tensor,
+        skip_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = self._self_attention(x, geometry)
         queries = self._windows(x, self.norm_query, geometry)
-        keys_values = self._windows(context, self.norm_context, geometry)
-        x = x + self.drop_path(geometry.reverse(self.cross_attn(queries, keys_values, geometry), batch))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        keys_values = self._windows(skip, self.norm_context, geometry)
+        x = x + self.drop_path(geometry.reverse(self.cross_attn(queries, keys_values, geometry), x.shape[0]))
+        return x + self._mlp_residual(x)
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,7 +202,7 @@ def sinusoidal_position_encoding(spatial_shape: Sequence[int], channels: int, de
     return _cached_position_encoding(*key)
 
 
-class VTDecoderSubBlock(SwinSubBlock):
+class VTDecoderSubBlock(DecoderSubBlock):
     """VT-UNet decoder sub-block (Peiris et al.), used for the thesis' baselines and ablations.
 
     The block's own queries attend to its own keys/values (self-attention) and, through the same
@@ -146,8 +211,10 @@ class VTDecoderSubBlock(SwinSubBlock):
     sinusoidal position encoding: ``(1-a)(x1 + MLP(LN(x1))) + a(x2 + MLP(LN(x2))) + MLP(LN(PE))``.
     It adds no weights beyond a plain Swin sub-block.
 
-    Args: as :class:`SwinSubBlock`, plus ``alpha``, the weight of the cross-attention branch.
+    Args: as :class:`_WindowBlock`, plus ``alpha``, the weight of the cross-attention branch.
     """
+
+    needs_encoder_kv = True
 
     def __init__(
         self,
@@ -163,20 +230,31 @@ class VTDecoderSubBlock(SwinSubBlock):
         super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, fused_attention)
         self.alpha = alpha
 
-    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path(self.mlp(self.norm2(x)))
-
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, geometry: WindowGeometry, encoder_kv: tuple[torch.Tensor, torch.Tensor]
-    ):
+    def forward(
+        self,
+        x: torch.Tensor,
+        geometry: WindowGeometry,
+        skip: torch.Tensor,
+        skip_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if skip_kv is None:
+            raise ValueError("VTDecoderSubBlock attends to the encoder's keys/values: pass them as skip_kv.")
         batch = x.shape[0]
         q, k, v = self.attn.project_qkv(self._windows(x, self.norm1, geometry))
         x_self = x + self.drop_path(geometry.reverse(self.attn.attend(q, k, v, geometry), batch))
-        x_cross = x + self.drop_path(geometry.reverse(self.attn.attend(q, *encoder_kv, geometry), batch))
+        x_cross = x + self.drop_path(geometry.reverse(self.attn.attend(q, *skip_kv, geometry), batch))
         x_self = x_self + self._mlp_residual(x_self)
         x_cross = x_cross + self._mlp_residual(x_cross)
         position = sinusoidal_position_encoding(x.shape[1:-1], x.shape[-1], x.device).to(x.dtype).unsqueeze(0)
         return (1 - self.alpha) * x_self + self.alpha * x_cross + self._mlp_residual(position)
+
+
+#: the decoder sub-blocks by the name :class:`QTUNet` takes (``decoder="qt"``)
+DECODERS: dict[str, type[DecoderSubBlock]] = {
+    "qt": QTDecoderSubBlock,
+    "vt": VTDecoderSubBlock,
+    "none": SwinDecoderSubBlock,
+}
 
 
 def maybe_checkpoint(block, use_checkpoint: bool, *args):
@@ -252,11 +330,11 @@ class EncoderStage(_Stage):
 
 
 class DecoderStage(_Stage):
-    """A pair of decoder sub-blocks of the chosen kind.
+    """A pair of decoder sub-blocks of one kind (plain windows, then shifted windows).
 
-    Args: as :class:`EncoderStage`, plus ``decoder``: ``"qt"`` (own cross-attention to the encoder
-    features), ``"vt"`` (VT-UNet fusion with the encoder's keys/values) or ``"none"`` (plain Swin
-    sub-blocks, no cross-attention).
+    Args: as :class:`EncoderStage`, plus ``decoder``, a key of :data:`DECODERS`: ``"qt"`` (own
+    cross-attention to the encoder features), ``"vt"`` (VT-UNet fusion with the encoder's keys/values)
+    or ``"none"`` (plain Swin sub-blocks, no cross-attention).
     """
 
     def __init__(
@@ -273,19 +351,20 @@ class DecoderStage(_Stage):
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__(window_size, shift_size, use_checkpoint)
-        self.decoder = decoder
-        block_type = {"qt": QTDecoderSubBlock, "vt": VTDecoderSubBlock, "none": SwinSubBlock}[decoder]
+        block_type = DECODERS[decoder]
+        self.needs_encoder_kv = block_type.needs_encoder_kv
         for i in range(depth):
             self.blocks.append(block_type(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], fused_attention))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, encoder_kv: Sequence | None = None) -> torch.Tensor:
-        """``context``: the same-stage encoder features; ``encoder_kv``: their keys/values per
-        sub-block (VT decoder only)."""
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, skip_kv: Sequence | None = None) -> torch.Tensor:
+        """
+        Args:
+            x: decoder tokens ``(B, *spatial, dim)``.
+            skip: the same-stage encoder features, same shape.
+            skip_kv: the keys/values of each encoder sub-block of the stage (only when
+                :attr:`needs_encoder_kv`).
+        """
         for i, (block, geometry) in enumerate(zip(self.blocks, self.geometries(x))):
-            if self.decoder == "qt":
-                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry, context)
-            elif self.decoder == "vt":
-                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry, encoder_kv[i])  # type: ignore[index]
-            else:
-                x = maybe_checkpoint(block, self.use_checkpoint, x, geometry)
+            block_kv = skip_kv[i] if skip_kv is not None else None
+            x = maybe_checkpoint(block, self.use_checkpoint, x, geometry, skip, block_kv)
         return x

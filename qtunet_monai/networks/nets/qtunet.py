@@ -5,14 +5,16 @@ through its own windowed cross-attention (see SPEC.md section 1 and the thesis, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
+from ..blocks.head import SegmentationHead
 from ..blocks.patching import PatchEmbedding, PatchExpanding, PatchMerging
-from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage, maybe_checkpoint
+from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage
 
-__all__ = ["QTUNet", "VARIANTS", "ARCHITECTURES", "build_architecture"]
+__all__ = ["ARCHITECTURES", "VARIANTS", "EncoderFeatures", "QTUNet", "QTUNetEncoder", "build_architecture"]
 
 #: embedding width ``C`` of the Tiny / Small / Base variants.
 VARIANTS = {"tiny": 48, "small": 72, "base": 96}
@@ -27,44 +29,204 @@ ARCHITECTURES: dict[str, dict] = {
     "QT-UNet-2D-A": {"spatial_dims": 2, "merge_depth": True, "decoder": "none"},
 }
 
-_STAGES = 3  # encoder stages before the bottleneck
+
+@dataclass
+class EncoderFeatures:
+    """What the encoder hands to the decoder and to the pre-training heads; channels-last tokens.
+
+    Attributes:
+        skips: the output of each encoder stage (after its sub-blocks, before merging), shallow to
+            deep: ``(B, *spatial / (patch * 2^i), C * 2^i)``.
+        bottleneck: the bottleneck's normalised output ``(B, *spatial / (patch * 2^stages), C * 2^stages)``.
+        keys_values: per stage, the ``(keys, values)`` of each of its sub-blocks; only when the decoder
+            reads them (VT-UNet), otherwise None.
+    """
+
+    skips: list[torch.Tensor]
+    bottleneck: torch.Tensor
+    keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
-class QTUNet(nn.Module):
+class _Encoder(nn.Module):
+    """QT-UNet's encoder: patch partition, ``num_stages`` stages of a Swin sub-block pair (plain and
+    shifted windows) at widths C, 2C, 4C, ..., each followed by patch merging, and a bottleneck of one
+    Swin sub-block. :class:`QTUNetEncoder` (self-supervised pre-training) and :class:`QTUNet` (which
+    adds the decoder) both extend it, so their parameter names agree and an encoder's state dict loads
+    into QTUNet directly. ``forward`` is theirs to define.
+
+    Args:
+        in_channels: input channels.
+        spatial_dims: 2 or 3.
+        feature_size: embedding width C; default 48, or the width of ``variant``. Giving both with
+            different widths is an error.
+        window_size: attention window per axis.
+        patch_size: patch partition edge length (4 in the thesis; 2 doubles every feature map).
+        merge_depth: merge all three axes (QT-UNet); False keeps the depth axis (QT-UNet-A,
+            VT-UNet). Ignored in 2D.
+        num_stages: encoder stages before the bottleneck (3 in the thesis; 4 adds one at 8C).
+        num_heads: heads of each encoder stage and of the bottleneck (``num_stages + 1`` entries; the
+            decoder mirrors them); default 3, 6, 12, ... doubling with the width.
+        drop_path_rate: stochastic depth, linearly spaced over the encoder and bottleneck
+            sub-blocks. The thesis trains with 0.2.
+        use_checkpoint: gradient checkpointing of every sub-block (less memory, more compute).
+        fused_attention: attention through ``scaled_dot_product_attention``; False computes it with
+            explicit matmul and softmax (same result; what fvcore can count).
+        variant: ``"tiny"``, ``"small"`` or ``"base"``: C = 48, 72 or 96.
+        shift_size: cyclic shift of the shifted windows; default ``window_size // 2``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_dims: int = 3,
+        feature_size: int | None = None,
+        window_size: int = 7,
+        patch_size: int = 4,
+        merge_depth: bool = True,
+        num_stages: int = 3,
+        num_heads: Sequence[int] | None = None,
+        drop_path_rate: float = 0.0,
+        use_checkpoint: bool = False,
+        fused_attention: bool = True,
+        variant: str | None = None,
+        shift_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        feature_size = _resolve_feature_size(feature_size, variant)
+        shift_size = window_size // 2 if shift_size is None else shift_size
+        num_heads = tuple(3 * 2**i for i in range(num_stages + 1)) if num_heads is None else tuple(num_heads)
+        _check_arguments(
+            in_channels, spatial_dims, feature_size, window_size, patch_size, num_stages, drop_path_rate,
+            num_heads, shift_size,
+        )
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.feature_size = feature_size
+        self.patch_size = patch_size
+        self.num_stages = num_stages
+        self.num_heads = num_heads
+        self.use_checkpoint = use_checkpoint
+        #: set by a decoder that reads the encoder's keys/values (VT-UNet)
+        self.needs_encoder_kv = False
+        # MONAI's spatial order is (H, W, D): keeping depth means not merging the last axis.
+        self.merge_factors = (2,) * spatial_dims if (merge_depth or spatial_dims == 2) else (2, 2, 1)
+        self.widths = [feature_size * 2**i for i in range(num_stages + 1)]  # C, 2C, ..., bottleneck
+        rates = torch.linspace(0, drop_path_rate, 2 * num_stages + 1).tolist()
+        #: drop-path rates of each stage's sub-block pair (the decoder reuses them) and of the bottleneck
+        self.stage_drop_path = [rates[2 * i : 2 * i + 2] for i in range(num_stages)]
+        self.stage_options = {"window_size": window_size, "shift_size": shift_size, "spatial_dims": spatial_dims,
+                              "fused_attention": fused_attention, "use_checkpoint": use_checkpoint}
+
+        self.patch_embed = PatchEmbedding(in_channels, feature_size, patch_size, spatial_dims)
+        self.encoder_stages = nn.ModuleList(
+            EncoderStage(self.widths[i], num_heads[i], 2, drop_path=self.stage_drop_path[i], **self.stage_options)
+            for i in range(num_stages)
+        )
+        self.merges = nn.ModuleList(PatchMerging(self.widths[i], self.merge_factors) for i in range(num_stages))
+        self.bottleneck = EncoderStage(self.widths[-1], num_heads[-1], 1, drop_path=rates[-1:], **self.stage_options)
+        self.bottleneck_norm = nn.LayerNorm(self.widths[-1])
+        self.apply(_init_weights)
+
+    @property
+    def width(self) -> int:
+        """Channels of the bottleneck features."""
+        return self.widths[-1]
+
+    @property
+    def bottleneck_stride(self) -> tuple[int, ...]:
+        """Input voxels per bottleneck token along each spatial axis."""
+        return tuple(self.patch_size * f**self.num_stages for f in self.merge_factors)
+
+    def forward_features(self, x: torch.Tensor) -> EncoderFeatures:
+        """Encode ``x`` ``(B, in_channels, *spatial)``: every stage's output (the decoder's skips and
+        cross-attention sources), the normalised bottleneck output and, when the decoder needs them,
+        the encoder's keys/values. All channels-last."""
+        tokens = self.patch_embed(x)
+        skips, keys_values = [], []
+        for stage, merge in zip(self.encoder_stages, self.merges):
+            if self.needs_encoder_kv:
+                tokens, kv = stage(tokens, return_kv=True)
+                keys_values.append(kv)
+            else:
+                tokens = stage(tokens)
+            skips.append(tokens)
+            tokens = merge(tokens)
+        bottleneck = self.bottleneck_norm(self.bottleneck(tokens))
+        return EncoderFeatures(skips, bottleneck, keys_values if self.needs_encoder_kv else None)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every sub-block (and the segmentation head) in the backward pass instead of
+        storing its activations: less memory, the same result, more compute."""
+        for module in self.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that must not get weight decay: the relative-position bias tables
+        (Swin's ``no_weight_decay_keywords``). Norms and biases are the optimiser's rule to add."""
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+
+class QTUNetEncoder(_Encoder):
+    """QT-UNet's encoder alone (no decoder is built), with QT-UNet's parameter names: what
+    self-supervised pre-training trains and a task network is initialised from.
+
+    Args: the encoder arguments of :class:`QTUNet` (see :class:`_Encoder`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-first bottleneck features ``(B, width, *spatial / bottleneck_stride)``."""
+        return self.forward_features(x).bottleneck.movedim(-1, 1)
+
+
+class QTUNet(_Encoder):
     """QT-UNet for 2D or 3D segmentation; input ``(B, in_channels, *spatial)``, output
     ``(B, out_channels, *spatial)`` of the same spatial size (any size: padded and cropped inside).
 
-    Encoder: patch partition, then three stages of a Swin sub-block pair (plain and shifted windows)
-    at widths C, 2C, 4C, each followed by patch merging; a bottleneck of one Swin sub-block at 8C.
-    Decoder: patch expansion, a skip (concatenate the same-stage encoder output, Linear 2d -> d) and a
-    pair of decoder sub-blocks per stage; the QT decoder sub-block cross-attends to the same-stage
-    encoder output through its own key/value projections. Classifier: LayerNorm, a x``patch_size``
-    expansion back to the input grid and a pointwise projection to the classes.
+    Encoder (as :class:`QTUNetEncoder`): patch partition, then ``num_stages`` stages of a Swin sub-block
+    pair (plain and shifted windows) at widths C, 2C, 4C, ..., each followed by patch merging; a
+    bottleneck of one Swin sub-block. Decoder: per stage, deep to shallow, patch expansion, a skip
+    (concatenate the same-stage encoder output, Linear 2d -> d) and a pair of decoder sub-blocks; the
+    QT decoder sub-block cross-attends to the same-stage encoder output through its own key/value
+    projections. Head (:class:`SegmentationHead`): LayerNorm, a x``patch_size`` expansion back to the
+    input grid and a pointwise projection to the classes.
 
     Choices the thesis leaves open (SPEC.md section 1): the shift is ``window_size // 2``; the skip and
     the cross-attention read a stage's *output* (after its sub-blocks, before merging); the
     cross-attention normalises its key/value source with its own LayerNorm; with
     ``merge_depth=False`` the depth axis is MONAI's last spatial axis.
 
+    Deep supervision (``deep_supervision=True``) adds an auxiliary head (LayerNorm and pointwise
+    classifier) on each decoder stage but the last. In training the network then returns a list: the
+    full-size logits first, then the auxiliary logits from the finest to the coarsest decoder stage,
+    each on its stage's token grid (``ceil(spatial / (patch_size * 2^i))``), which is what
+    ``monai.losses.DeepSupervisionLoss`` takes (it resizes the label to each). In eval mode, and while
+    traced for export, it returns the plain logits.
+
     Args:
         in_channels: input channels.
         out_channels: output channels (classes).
         spatial_dims: 2 or 3.
-        feature_size: embedding width C (48 / 72 / 96 for Tiny / Small / Base).
+        feature_size: embedding width C; default 48, or the width of ``variant`` (48 / 72 / 96 for
+            Tiny / Small / Base). Giving both with different widths is an error.
         window_size: attention window per axis.
-        patch_size: patch partition edge length.
+        patch_size: patch partition edge length (4 in the thesis; 2 doubles every feature map).
         merge_depth: merge and expand all three axes (QT-UNet); False keeps the depth axis (QT-UNet-A,
             VT-UNet). Ignored in 2D.
         decoder: ``"qt"`` (QT decoder), ``"vt"`` (VT-UNet decoder) or ``"none"`` (no cross-attention,
             QT-UNet-2D-A).
         drop_path_rate: stochastic depth, linearly spaced over the encoder and bottleneck sub-blocks;
             each decoder stage uses the rates of its encoder stage. The thesis trains with 0.2.
-        use_checkpoint: gradient checkpointing of every sub-block (less memory, more compute).
+        use_checkpoint: gradient checkpointing of every sub-block and the head (less memory, more
+            compute); also :meth:`set_grad_checkpointing`.
         fused_attention: attention through ``scaled_dot_product_attention``; False computes it with
             explicit matmul and softmax (same result; what fvcore can count).
         variant: ``"tiny"``, ``"small"`` or ``"base"``; sets ``feature_size``.
-        num_heads: heads of the three encoder stages and the bottleneck (decoder mirrors them).
+        num_heads: heads of each encoder stage and the bottleneck (decoder mirrors them); default 3, 6,
+            12, ... doubling with the width (3-6-12-24 for the thesis' three stages).
         shift_size: cyclic shift of the shifted windows; default ``window_size // 2``.
+        num_stages: encoder (and decoder) stages around the bottleneck: 3 in the thesis, 4 adds one.
+        deep_supervision: auxiliary heads on the decoder stages (see above).
     """
 
     def __init__(
@@ -72,7 +234,7 @@ class QTUNet(nn.Module):
         in_channels: int,
         out_channels: int,
         spatial_dims: int = 3,
-        feature_size: int = 48,
+        feature_size: int | None = None,
         window_size: int = 7,
         patch_size: int = 4,
         merge_depth: bool = True,
@@ -81,79 +243,66 @@ class QTUNet(nn.Module):
         use_checkpoint: bool = False,
         fused_attention: bool = True,
         variant: str | None = None,
-        num_heads: Sequence[int] = (3, 6, 12, 24),
+        num_heads: Sequence[int] | None = None,
         shift_size: int | None = None,
+        num_stages: int = 3,
+        deep_supervision: bool = False,
     ) -> None:
-        super().__init__()
-        feature_size = _resolve_feature_size(feature_size, variant)
-        shift_size = window_size // 2 if shift_size is None else shift_size
-        _check_arguments(
-            in_channels, out_channels, spatial_dims, feature_size, window_size, patch_size, decoder,
-            drop_path_rate, num_heads, shift_size,
+        if not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}.")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}.")
+        super().__init__(
+            in_channels, spatial_dims, feature_size, window_size, patch_size, merge_depth, num_stages, num_heads,
+            drop_path_rate, use_checkpoint, fused_attention, variant, shift_size,
         )
-        self.in_channels = in_channels
         self.out_channels = out_channels
-        self.spatial_dims = spatial_dims
-        self.feature_size = feature_size
         self.decoder_type = decoder
-        self.use_checkpoint = use_checkpoint
-        # MONAI's spatial order is (H, W, D): keeping depth means not merging the last axis.
-        factors = (2,) * spatial_dims if (merge_depth or spatial_dims == 2) else (2, 2, 1)
-        widths = [feature_size * 2**i for i in range(_STAGES + 1)]  # C, 2C, 4C, 8C
-        rates = torch.linspace(0, drop_path_rate, 2 * _STAGES + 1).tolist()
-        stage_rates = [rates[2 * i : 2 * i + 2] for i in range(_STAGES)]
-        common = {"window_size": window_size, "shift_size": shift_size, "spatial_dims": spatial_dims}
-        common.update(fused_attention=fused_attention, use_checkpoint=use_checkpoint)
-
-        self.patch_embed = PatchEmbedding(in_channels, feature_size, patch_size, spatial_dims)
-        self.encoder_stages = nn.ModuleList(
-            EncoderStage(widths[i], num_heads[i], 2, drop_path=stage_rates[i], **common) for i in range(_STAGES)
-        )
-        self.merges = nn.ModuleList(PatchMerging(widths[i], factors) for i in range(_STAGES))
-        self.bottleneck = EncoderStage(widths[-1], num_heads[-1], 1, drop_path=rates[-1:], **common)
-        self.bottleneck_norm = nn.LayerNorm(widths[-1])
-        # decoder lists run deep to shallow: index 0 is the 4C stage
-        self.expansions = nn.ModuleList(
-            PatchExpanding(widths[i + 1], factors, widths[i]) for i in reversed(range(_STAGES))
-        )
-        self.skip_projections = nn.ModuleList(
-            nn.Linear(2 * widths[i], widths[i], bias=False) for i in reversed(range(_STAGES))
-        )
+        self.needs_encoder_kv = DECODERS[decoder].needs_encoder_kv
+        self.deep_supervision = deep_supervision
+        widths, levels = self.widths, list(reversed(range(num_stages)))  # decoder lists run deep to shallow
+        self.expansions = nn.ModuleList(PatchExpanding(widths[i + 1], self.merge_factors, widths[i]) for i in levels)
+        self.skip_projections = nn.ModuleList(nn.Linear(2 * widths[i], widths[i], bias=False) for i in levels)
         self.decoder_stages = nn.ModuleList(
-            DecoderStage(widths[i], num_heads[i], 2, drop_path=stage_rates[i], decoder=decoder, **common)
-            for i in reversed(range(_STAGES))
+            DecoderStage(
+                widths[i], self.num_heads[i], 2, drop_path=self.stage_drop_path[i], decoder=decoder,
+                **self.stage_options,
+            )
+            for i in levels
         )
-        self.head_norm = nn.LayerNorm(feature_size)
-        self.head_expand = PatchExpanding(feature_size, (patch_size,) * spatial_dims, feature_size)
-        self.classifier = nn.Linear(feature_size, out_channels, bias=False)  # the pointwise (1x1x1) conv
-        self.apply(_init_weights)
+        self.head = SegmentationHead(widths[0], out_channels, spatial_dims, patch_size, use_checkpoint)
+        # auxiliary heads from the finest decoder stage but the last (2C) to the coarsest; none without deep supervision
+        self.aux_heads = nn.ModuleList(
+            SegmentationHead(widths[i], out_channels, spatial_dims) for i in range(1, num_stages) if deep_supervision
+        )
+        for part in (self.expansions, self.skip_projections, self.decoder_stages, self.head, self.aux_heads):
+            part.apply(_init_weights)  # the encoder's parts were initialised by _Encoder
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        tokens = self.patch_embed(x)
-        skips, encoder_kvs = [], []
-        for stage, merge in zip(self.encoder_stages, self.merges):
-            if self.decoder_type == "vt":
-                tokens, kv = stage(tokens, return_kv=True)
-                encoder_kvs.append(kv)
-            else:
-                tokens = stage(tokens)
-            skips.append(tokens)
-            tokens = merge(tokens)
-        tokens = self.bottleneck_norm(self.bottleneck(tokens))
-
-        for i, (expand, project, stage) in enumerate(zip(self.expansions, self.skip_projections, self.decoder_stages)):
-            level = _STAGES - 1 - i
-            skip = skips[level]
+    def forward_decoder(self, features: EncoderFeatures) -> list[torch.Tensor]:
+        """The output tokens of every decoder stage, deep to shallow (the last one feeds the head)."""
+        tokens, outputs = features.bottleneck, []
+        for level, expand, project, stage in zip(
+            reversed(range(self.num_stages)), self.expansions, self.skip_projections, self.decoder_stages
+        ):
+            skip = features.skips[level]
             tokens = expand(tokens, skip.shape[1:-1])
             tokens = project(torch.cat([tokens, skip], dim=-1))
-            tokens = stage(tokens, skip, encoder_kvs[level] if encoder_kvs else None)
+            tokens = stage(tokens, skip, features.keys_values[level] if features.keys_values is not None else None)
+            outputs.append(tokens)
+        return outputs
 
-        # the x4 expansion holds the network's largest activations: recompute it too when checkpointing
-        logits = maybe_checkpoint(
-            self.head_expand, self.use_checkpoint, self.head_norm(tokens), x.shape[2:], self.classifier
-        )
-        return logits.movedim(-1, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self._check_input(x)
+        decoded = self.forward_decoder(self.forward_features(x))
+        logits = self.head(decoded[-1], x.shape[2:])
+        if not self._returns_deep_supervision():
+            return logits
+        coarser = reversed(decoded[:-1])  # finest first, as DeepSupervisionLoss weights them 1, 1/2, 1/4, ...
+        return [logits] + [head(tokens) for head, tokens in zip(self.aux_heads, coarser)]
+
+    def _returns_deep_supervision(self) -> bool:
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
+        return self.deep_supervision and self.training and not exporting
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
@@ -183,39 +332,43 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
 
 
-def _resolve_feature_size(feature_size: int, variant: str | None) -> int:
+def _resolve_feature_size(feature_size: int | None, variant: str | None) -> int:
     if variant is None:
-        return feature_size
+        return 48 if feature_size is None else feature_size
     key = str(variant).lower()
     key = {"t": "tiny", "s": "small", "b": "base"}.get(key, key)
     if key not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
-    if feature_size not in (48, VARIANTS[key]):  # 48 is the default, i.e. not given
-        raise ValueError(f"variant={variant!r} means feature_size={VARIANTS[key]}, but feature_size={feature_size}.")
+    if feature_size is not None and feature_size != VARIANTS[key]:
+        raise ValueError(
+            f"variant={variant!r} means feature_size={VARIANTS[key]}, but feature_size={feature_size} was given; "
+            "give one of them."
+        )
     return VARIANTS[key]
 
 
 def _check_arguments(
-    in_channels, out_channels, spatial_dims, feature_size, window_size, patch_size, decoder,
-    drop_path_rate, num_heads, shift_size,
+    in_channels, spatial_dims, feature_size, window_size, patch_size, num_stages, drop_path_rate, num_heads,
+    shift_size,
 ) -> None:
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}.")
     if not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"window_size must be a positive integer, got {window_size!r}.")
     if not 0 <= shift_size < window_size:
         raise ValueError(f"shift_size must be in [0, window_size={window_size}), got {shift_size!r}.")
     if not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive integer (3 in the thesis), got {num_stages!r}.")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}.")
-    if len(num_heads) != _STAGES + 1:
-        raise ValueError(f"num_heads needs {_STAGES + 1} entries (3 stages and the bottleneck), got {num_heads!r}.")
+    if len(num_heads) != num_stages + 1:
+        raise ValueError(
+            f"num_heads needs {num_stages + 1} entries ({num_stages} stages and the bottleneck), got {num_heads!r}."
+        )
     if not isinstance(feature_size, int) or feature_size < 1:
         raise ValueError(f"feature_size must be a positive integer, got {feature_size!r}.")
     for stage, heads in enumerate(num_heads):
@@ -224,7 +377,7 @@ def _check_arguments(
             raise ValueError(
                 f"feature_size={feature_size} cannot work: stage {stage + 1} has width {width}, "
                 f"which {heads} attention heads do not divide (feature_size must be a multiple of 3 "
-                "with the default heads 3-6-12-24)."
+                "with the default heads 3, 6, 12, ...)."
             )
 
 
