@@ -37,6 +37,9 @@ def info(
     architecture: str | None = None,
     merge_depth: bool = True,
     decoder: str = "qt",
+    num_stages: int = 3,
+    patch_size: int = 4,
+    deep_supervision: bool = False,
     flops: bool = True,
 ) -> None:
     """Print parameters and fvcore GFLOPs as one JSON line (batch 1, training mode, attention matmuls included).
@@ -51,21 +54,27 @@ def info(
             QT-UNet-2D, QT-UNet-2D-A); overrides spatial_dims, merge_depth and decoder.
         merge_depth: merge the depth axis too (QT-UNet) or not (QT-UNet-A).
         decoder: qt, vt or none.
+        num_stages: encoder/decoder stages around the bottleneck (3 in the thesis, or 4).
+        patch_size: patch partition edge length (4 in the thesis, or 2).
+        deep_supervision: with the auxiliary heads (their parameters count; FLOPs are those of the
+            plain logits, what the network computes outside training).
         flops: also count FLOPs (needs fvcore).
     """
+    options = {"num_stages": num_stages, "patch_size": patch_size, "deep_supervision": deep_supervision}
     if architecture is not None:
-        model = build_architecture(architecture, in_channels, out_channels, variant)
+        model = build_architecture(architecture, in_channels, out_channels, variant, **options)
         spatial_dims = model.spatial_dims
     else:
         model = QTUNet(
             in_channels, out_channels, spatial_dims=spatial_dims, variant=variant,
-            merge_depth=merge_depth, decoder=decoder,
+            merge_depth=merge_depth, decoder=decoder, **options,
         )
     shape = (1, in_channels) + (roi,) * spatial_dims
     result = {
         "architecture": architecture or "QTUNet",
         "variant": variant,
         "feature_size": model.feature_size,
+        **options,
         "input": list(shape),
         "params_m": round(count_parameters(model) / 1e6, 3),
     }

@@ -11,8 +11,14 @@ import sys
 
 import pytest
 
-from qtunet_monai import build_architecture
-from qtunet_monai.complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_parameters
+from qtunet_monai import QTUNet, build_architecture
+from qtunet_monai.complexity import (
+    THESIS_TARGETS,
+    VARIANT_ORDER,
+    complexity_table,
+    count_flops,
+    count_parameters,
+)
 
 CASES = [
     pytest.param(target, variant, id=f"{target.architecture}-{target.task}-{variant}")
@@ -44,6 +50,20 @@ def test_cli_info_prints_parameters_and_flops():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["params_m"] == pytest.approx(6.65, rel=0.01)
     assert result["gflops"] == pytest.approx(12.7, rel=0.01)
+
+
+def test_cli_info_reports_four_stages_patch_two_and_deep_supervision():
+    pytest.importorskip("fvcore")
+    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--num_stages", "4",
+           "--patch_size", "2", "--deep_supervision", "True"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["num_stages"], result["patch_size"], result["deep_supervision"]) == (4, 2, True)
+    net = QTUNet(1, 3, num_stages=4, patch_size=2, deep_supervision=True)
+    assert result["params_m"] == round(count_parameters(net) / 1e6, 3)
+    assert result["params_m"] > 3 * 6.65  # the fourth stage (8C) and the 16C bottleneck dominate
+    # FLOPs of the plain logits: the auxiliary heads are not run outside training
+    assert result["gflops"] == round(count_flops(net, (1, 1, 32, 32, 32)) / 1e9, 2)
 
 
 def test_cli_rejects_bad_arguments_with_one_line():
