@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceLoss
 
@@ -316,3 +318,18 @@ def test_deep_supervision_loss_with_zero_auxiliary_weights_is_the_plain_loss():
     halving = DeepSupervisionLoss(dice, weight_mode="exp")(outputs, label)
     aux = [dice(o, F.interpolate(label, size=o.shape[2:], mode="nearest-exact")) for o in outputs[1:]]
     torch.testing.assert_close(halving, dice(outputs[0], label) + aux[0] / 2 + aux[1] / 4)
+
+
+def test_deep_supervision_trains_in_monais_supervised_trainer():
+    """What a bundle needs: the network argument and the loss wrapped in DeepSupervisionLoss."""
+    net = _net(deep_supervision=True)
+    data = [{"image": torch.randn(2, 16, 16, 16), "label": torch.randint(0, 3, (1, 16, 16, 16)).float()}] * 2
+    loss = DeepSupervisionLoss(DiceLoss(to_onehot_y=True, softmax=True), weight_mode="exp")
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(data, batch_size=2), network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3), loss_function=loss,
+    )
+    trainer.run()
+    first = trainer.state.output[0]  # decollated: per sample, the full-size logits and the two auxiliary ones
+    assert [tuple(p.shape) for p in first["pred"]] == [(3, 16, 16, 16), (3, 2, 2, 2), (3, 1, 1, 1)]
+    assert torch.isfinite(torch.as_tensor(first["loss"]))
