@@ -55,9 +55,13 @@ def test_rotation_is_in_the_axial_plane():
     assert y[0, :, :, 2].sum() == 1 and y[0, :, :, :2].sum() == 0  # depth index untouched
 
 
-@pytest.mark.parametrize("spatial_dims, roi", [(3, (32, 32, 32)), (2, (64, 64))])
-def test_heads_shapes_and_target_gets_no_gradient(spatial_dims, roi):
-    model = QTUNetSSL(2, roi, spatial_dims=spatial_dims, **SMALL_HEADS)
+@pytest.mark.parametrize("spatial_dims, roi, encoder", [
+    (3, (32, 32, 32), {}),
+    (2, (64, 64), {}),
+    (3, (32, 32, 32), {"num_stages": 4, "patch_size": 2}),  # the same bottleneck stride, 32
+])
+def test_heads_shapes_and_target_gets_no_gradient(spatial_dims, roi, encoder):
+    model = QTUNetSSL(2, roi, spatial_dims=spatial_dims, **SMALL_HEADS, **encoder)
     x1, x2 = torch.randn(2, 2, *roi), torch.randn(2, 2, *roi)
     out = model(x1, x2)
     assert out["reconstruction"].shape == (4, 2, *roi)
