@@ -228,7 +228,7 @@ def _param_groups(parser, network) -> list[dict]:
 def _load_pretrained(parser, network) -> dict | None:
     """Initialise from ``pretrained_path`` (an SSL encoder file or a bundle's ``model.pt``) as the bundles'
     ``--finetune`` does: loaded, missing and unexpected keys reported, mismatched shapes an error naming them;
-    ``pretrained_exclude`` key prefixes (e.g. ``classifier.`` of another task's model) are not loaded."""
+    ``pretrained_exclude`` key prefixes (e.g. ``head.classifier.`` of another task's model) are not loaded."""
     from .bundle import load_pretrained
 
     path = parser.get("pretrained_path")

@@ -166,9 +166,9 @@ def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, caplog)
     with pytest.raises(ValueError, match="classifier"):
         _load_pretrained(parser, parser.get_parsed_content("network"))
     parser = load_config(configs, input_channels=1, output_classes=3, pretrained_path=str(tmp_path / "model.pt"),
-                         pretrained_exclude=["classifier."])
+                         pretrained_exclude=["head.classifier."])
     report = _load_pretrained(parser, parser.get_parsed_content("network"))
-    assert set(report["loaded"]) == {k for k in other_task if not k.startswith("classifier.")}
+    assert set(report["loaded"]) == {k for k in other_task if not k.startswith("head.classifier.")}
     parser = load_config(configs, pretrained_path=str(tmp_path / "absent.pt"))
     with pytest.raises(TemplateError, match="absent.pt is not a file"):
         _load_pretrained(parser, network)
