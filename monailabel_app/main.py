@@ -12,6 +12,7 @@ authentication, behind your own authenticating proxy).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,9 @@ class MyApp(MONAILabelApp):
                 checks.check_bind(checks.host_from_argv(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE,
                                   str(self.conf.get("allow_remote_without_auth", "false")).lower() == "true")
             except checks.RequestRefused as e:
-                logger.error(str(e))
-                raise SystemExit(f"qtunet MONAI Label app: {e}") from None
+                # uvicorn prints a traceback for any exception raised at start-up: stop with the message alone
+                print(f"qtunet MONAI Label app: {e}", file=sys.stderr, flush=True)
+                os._exit(2)
         super().server_mode(mode)
 
     def infer(self, request, datastore=None):
