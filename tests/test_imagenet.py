@@ -46,6 +46,11 @@ def swin_merge_2d(x: torch.Tensor, norm_w, norm_b, reduction) -> torch.Tensor:
     return F.linear(F.layer_norm(x, (x.shape[-1],), norm_w, norm_b), reduction)
 
 
+def test_refuses_an_encoder_that_is_not_the_thesis_one():
+    with pytest.raises(ValueError, match="num_stages=3 and patch_size=4 only; the network has num_stages=3, patch_size=2"):
+        swin_to_qtunet(random_swin_tiny(False), QTUNet(3, 2, spatial_dims=2, variant="base", patch_size=2))
+
+
 @pytest.mark.parametrize("official", [False, True])
 def test_2d_copies_swin_exactly(official):
     state = random_swin_tiny(official)

@@ -46,7 +46,8 @@ def swin_to_qtunet(state: Mapping[str, torch.Tensor], network: QTUNet) -> dict[s
     """A 2D Swin-T state dict (timm or official names) -> QT-UNet encoder tensors for ``network``.
 
     Raises:
-        ValueError: the checkpoint is not a Swin with 4 stages, or its width differs from the network's.
+        ValueError: the checkpoint is not a Swin with 4 stages, its width differs from the network's, or the
+            network is not the thesis' encoder (3 stages and the bottleneck, patch size 4).
     """
     state = unwrap_state_dict(state)
     if "patch_embed.proj.weight" not in state or "layers.3.blocks.0.attn.qkv.weight" not in state:
@@ -56,6 +57,9 @@ def swin_to_qtunet(state: Mapping[str, torch.Tensor], network: QTUNet) -> dict[s
     if width != network.feature_size:
         raise ValueError(f"the checkpoint has width C={width} but the network C={network.feature_size}: "
                          f"build it with feature_size={width} (Swin-T/S: 96 = QT-UNet-B).")
+    if (network.num_stages, network.patch_size) != (3, 4):
+        raise ValueError(f"Swin-T's stages fit QT-UNet's encoder with num_stages=3 and patch_size=4 only; the network "
+                         f"has num_stages={network.num_stages}, patch_size={network.patch_size}.")
     official = "layers.0.downsample.reduction.weight" in state
     own = network.state_dict()
     dims = network.spatial_dims
