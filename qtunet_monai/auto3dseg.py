@@ -247,7 +247,7 @@ def _engines(parser, train_files, val_files):
     from monai.transforms import Compose
 
     device = _device(parser)
-    rank, world = _distributed(device)
+    _, world = _distributed(device)
     network = parser.get_parsed_content("network").to(device)
     if world > 1:
         ids = [device] if device.type == "cuda" else None

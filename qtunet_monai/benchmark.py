@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import multiprocessing
 import platform
 import statistics
@@ -172,7 +173,7 @@ def _forward_gflops(name: str, roi: int) -> float | None:
         return None
     try:
         return count_flops(build_model(name, roi, torch.device("cpu")), (1, IN_CHANNELS, roi, roi, roi)) / 1e9
-    except Exception as e:  # fvcore cannot trace every network; FLOPs are then left out
+    except Exception as e:  # noqa: BLE001 - fvcore cannot trace every network; FLOPs are then left out
         print(f"FLOPs of {name} not counted: {e}")
         return None
 
@@ -258,12 +259,12 @@ def run_benchmark(
         del runners
         gc.collect()
         if dev.type == "cpu" and memory and kind != "sliding":  # sliding: about inference at the ROI
-            for name in rows:
+            for name, row in rows.items():
                 log(f"[{scenario}] peak memory of {name} (fresh process)")
-                rows[name]["peak_memory_mb"] = _cpu_peak_memory_mb(name, kind, roi, overlap)
+                row["peak_memory_mb"] = _cpu_peak_memory_mb(name, kind, roi, overlap)
         if kind != "sliding" and flops:
-            for name in rows:
-                rows[name]["forward_gflops"] = _forward_gflops(name, roi)
+            for name, row in rows.items():
+                row["forward_gflops"] = _forward_gflops(name, roi)
         if kind == "train":
             for name, row in rows.items():
                 row["volumes_per_second"] = batch / row["seconds"]
@@ -285,9 +286,9 @@ def to_markdown(result: dict) -> str:
     """Markdown tables (one per scenario) of a :func:`run_benchmark` result."""
     env = result["environment"]
     lines = [
-        f"Device: {env['device']} ({env['cpu_threads']} CPU threads), torch {env['torch']}, "
+        (f"Device: {env['device']} ({env['cpu_threads']} CPU threads), torch {env['torch']}, "
         f"amp {env['amp'] or 'off'}, compile {env['compile']}, batch {env['batch']}, "
-        f"median of {env['repeats']} alternating repeats.",
+        f"median of {env['repeats']} alternating repeats."),
         "",
     ]
     for scenario, rows in result["scenarios"].items():
@@ -306,9 +307,9 @@ def to_markdown(result: dict) -> str:
             sep += "---:|---:|"
         lines += [header, sep]
         for name, row in rows.items():
-            def fmt(key, spec):
+            def fmt(key, spec, row=row):
                 value = row.get(key)
-                return format(value, spec) if isinstance(value, (int, float)) and value == value else "-"
+                return format(value, spec) if isinstance(value, (int, float)) and not math.isnan(value) else "-"
 
             line = (
                 f"| {name} | {fmt('params_m', '.1f')} | {fmt('forward_gflops', '.1f')} | {fmt('seconds', '.3f')} "
@@ -357,7 +358,7 @@ def bench(
         out_dir: where ``<tag>.json`` and ``<tag>.md`` are written.
         tag: file name stem; default ``bench-<device>``.
     """
-    split = lambda v: [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)  # noqa: E731
+    split = lambda v: [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
     result = run_benchmark(
         split(models), split(scenarios), repeats, device, amp, compile, batch, overlap, memory, flops, peak_tflops
     )

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
 
 import fire
 
@@ -107,7 +109,7 @@ def table(variants: str | list = "tiny,small,base", flops: bool = True, json_fil
                 f"| {row['target_params_m']} | {gflops} | {row['target_gflops']} |",
                 flush=True,
             )
-    print("\nThesis figures as SPEC.md gives them; QT-UNet-T's printed 6.4 M parameters is a misprint for 6.65 M.")
+    print("\nThesis figures as docs/architecture.md section 1 gives them; QT-UNet-T's printed 6.4 M parameters is a misprint for 6.65 M.")
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)
@@ -225,7 +227,7 @@ def prepare_data(task: str, root: str, output_file: str, seed: int = 0) -> None:
         seed: split seed (BraTS, MSD).
     """
     out = _data_set(task).datalist(root, output_file, seed)
-    counts = {k: len(v) for k, v in json.loads(open(out).read()).items()}
+    counts = {k: len(v) for k, v in json.loads(Path(out).read_text()).items()}
     print(f"data list written: {out} {counts}")
 
 

@@ -21,7 +21,7 @@ __all__ = ["ComplexityTarget", "THESIS_TARGETS", "count_parameters", "count_flop
 
 @dataclass(frozen=True)
 class ComplexityTarget:
-    """One row of SPEC.md's target table: an architecture on a task's input."""
+    """One row of the target table of docs/architecture.md section 1: an architecture on a task's input."""
 
     architecture: str
     task: str
@@ -36,7 +36,7 @@ class ComplexityTarget:
         return ARCHITECTURES[self.architecture]["spatial_dims"]
 
 
-# 6.65 M stands for QT-UNet-T's printed 6.4 M (a misprint, SPEC.md section 1).
+# 6.65 M stands for QT-UNet-T's printed 6.4 M (a misprint, docs/architecture.md section 1).
 THESIS_TARGETS: tuple[ComplexityTarget, ...] = (
     ComplexityTarget("QT-UNet", "BraTS", 4, 3, 128, (6.65, 14.5, 25.5), (32.5, 61.3, 98.5)),
     ComplexityTarget("QT-UNet", "BTCV", 1, 14, 96, (6.65, 14.5, 25.5), (12.7, 23.6, 37.7)),

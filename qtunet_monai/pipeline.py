@@ -15,8 +15,9 @@ The dicts refer to the config's own keys where a bundle lets the user override a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any
 
 __all__ = [
     "NonzeroNorm",
@@ -115,7 +116,7 @@ class RGBNorm:
         return f"RGB normalised with {self.source}' mean and standard deviation"
 
 
-Intensity = Union[NonzeroNorm, CTWindow, RGBNorm]
+Intensity = NonzeroNorm | CTWindow | RGBNorm
 
 
 # ----------------------------------------------------------------------------------------------- crops
@@ -148,7 +149,7 @@ class PosNegCrop:
         return f"label-balanced crops (positive:negative {self.pos}:{self.neg})"
 
 
-Crop = Union[SpatialCrop, PosNegCrop]
+Crop = SpatialCrop | PosNegCrop
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,20 @@ from .data.brats import BRATS_LABEL_VALUES, BRATS_REGIONS
 from .data.btcv import BTCV_ORGANS
 from .data.cityscapes import CATEGORY_MAP, CATEGORY_NAMES, CLASS_MAP, CLASS_NAMES, MEAN, STD
 from .data.msd import MSD_TASKS
-from .pipeline import (CTWindow, Crop, Intensity, NonzeroNorm, PosNegCrop, Pretrain, RGBNorm, SpatialCrop, flips, rot90,
-                       scale, shift)
+from .pipeline import (
+    Crop,
+    CTWindow,
+    Intensity,
+    NonzeroNorm,
+    PosNegCrop,
+    Pretrain,
+    RGBNorm,
+    SpatialCrop,
+    flips,
+    rot90,
+    scale,
+    shift,
+)
 
 __all__ = ["Task", "TASKS", "get_task"]
 
@@ -27,6 +39,11 @@ THESIS = "QT-UNet: Querying Transformer UNet, master's thesis, Norwegian Univers
 MSD_REFERENCE = "Antonelli M. et al. The Medical Segmentation Decathlon. Nature Communications 13, 4128 (2022)"
 SWIN_UNETR = ("Tang Y. et al. Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis. "
               "CVPR 2022")
+
+
+#: docs/architecture.md section 4: MSD tasks 2/4/5 in-task (350 epochs); CT-SSL (150 epochs)
+IN_TASK_PRETRAIN = Pretrain(32, 2, 350, (96, 96, 96))
+CT_PRETRAIN = Pretrain(32, 2, 150, (96, 96, 96))
 
 
 @dataclass(frozen=True)
@@ -105,7 +122,7 @@ class Task:
     thesis_result: str = ""
     data_docs: str = ""
     docs_note: str = ""
-    pretrain: Pretrain = Pretrain(32, 2, 350, (96, 96, 96))
+    pretrain: Pretrain = IN_TASK_PRETRAIN
     pretraining_only: bool = False
     generated_docs: bool = True
     version: str = __version__
@@ -136,7 +153,7 @@ class Task:
 
 def _msd(key: str, number: int, *, intensity: Intensity, pixdim: tuple[float, ...] | None, crop_foreground: bool,
          crop: Crop, augment: list[dict], scores: tuple[float, ...], regions: tuple[tuple[int, ...], ...] | None = None,
-         hd95: bool = False, cache_rate: float = 1.0, pretrain: Pretrain = Pretrain(32, 2, 150, (96, 96, 96)),
+         hd95: bool = False, cache_rate: float = 1.0, pretrain: Pretrain = CT_PRETRAIN,
          docs_note: str = "") -> Task:
     """An MSD task's bundle from the facts in :data:`qtunet_monai.data.msd.MSD_TASKS`.
 
@@ -208,8 +225,8 @@ for _task in [
         eval_split="testing",
         pretrain=Pretrain(8, 4, 350, (96, 96, 96)),
         data_source="RSNA-ASNR-MICCAI Brain Tumor Segmentation (BraTS) Challenge 2021, task 1 training data (1,251 cases)",
-        references=(THESIS, "Baid U. et al. The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
-                    "Radiogenomic Classification. arXiv:2107.02314",
+        references=(THESIS, ("Baid U. et al. The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
+                    "Radiogenomic Classification. arXiv:2107.02314"),
                     "Peiris H. et al. A Robust Volumetric Transformer for Accurate 3D Tumor Segmentation. MICCAI 2022"),
         thesis_result=(
             "Thesis Table 4.1 (own 834/208/209 split, test set): mean Dice over ET, TC, WT for QT-UNet-T/S/B from "
@@ -240,8 +257,8 @@ for _task in [
         augment=tuple(flips(0.1) + rot90(0.1) + shift(0.5)),
         pretrain=Pretrain(32, 2, 150, (96, 96, 96)),
         data_source="Multi-Atlas Labeling Beyond the Cranial Vault (BTCV) abdomen challenge, RawData (Synapse)",
-        references=(THESIS, "Landman B. et al. MICCAI Multi-Atlas Labeling Beyond the Cranial Vault - Workshop and "
-                    "Challenge, 2015", SWIN_UNETR),
+        references=(THESIS, ("Landman B. et al. MICCAI Multi-Atlas Labeling Beyond the Cranial Vault - Workshop and "
+                    "Challenge, 2015"), SWIN_UNETR),
         thesis_result=(
             "Thesis Table 4.3 (35 training scans, 5 for validation and testing): mean Dice for QT-UNet-T/S/B from "
             "scratch 38.51 / 50.33 / 52.58; pre-trained on CT-SSL 53.50 / 50.27 / 54.96."
@@ -312,8 +329,8 @@ for _task in [
             iou=True,
             pretrain=Pretrain(16, 2, 150, (1024, 1024)),
             data_source="Cityscapes fine annotations (leftImg8bit, gtFine), https://www.cityscapes-dataset.com",
-            references=(THESIS, "Cordts M. et al. The Cityscapes Dataset for Semantic Urban Scene Understanding. "
-                        "CVPR 2016"),
+            references=(THESIS, ("Cordts M. et al. The Cityscapes Dataset for Semantic Urban Scene Understanding. "
+                        "CVPR 2016")),
             thesis_result=result,
             data_docs=(
                 "Register at https://www.cityscapes-dataset.com and download `leftImg8bit_trainvaltest.zip` and "
@@ -323,12 +340,12 @@ for _task in [
         )
         for key, name, classes, mapping, unit, result in [
             ("cityscapes", "CityScapes", CLASS_NAMES, CLASS_MAP, "classes",
-             "Thesis Table 4.6 (val): mean Dice / mean IoU for QT-UNet-2D-T/S/B from scratch 39.12 / 20.74, "
+             ("Thesis Table 4.6 (val): mean Dice / mean IoU for QT-UNet-2D-T/S/B from scratch 39.12 / 20.74, "
              "39.35 / 21.04, 39.50 / 21.15; pre-trained on CityScapes coarse 41.53 / 25.86, 41.97 / 25.97, "
-             "39.03 / 21.00 (the thesis trained and scored the void class, this bundle ignores it)."),
+             "39.03 / 21.00 (the thesis trained and scored the void class, this bundle ignores it).")),
             ("cityscapescat", "CityScapesCat", CATEGORY_NAMES, CATEGORY_MAP, "categories",
-             "Thesis Table 4.7 (val): mean Dice / mean IoU for QT-UNet-2D-T/S/B from scratch 55.46 / 50.91, "
-             "56.40 / 51.17, 57.45 / 52.45; pre-trained 63.23 / 60.37, 64.21 / 61.55, 58.45 / 54.26."),
+             ("Thesis Table 4.7 (val): mean Dice / mean IoU for QT-UNet-2D-T/S/B from scratch 55.46 / 50.91, "
+             "56.40 / 51.17, 57.45 / 52.45; pre-trained 63.23 / 60.37, 64.21 / 61.55, 58.45 / 54.26.")),
         ]
     ],
     *[
@@ -352,26 +369,26 @@ for _task in [
             pretraining_only=True,
             cache_rate=0.0,
             data_source=source,
-            references=(THESIS, SWIN_UNETR, "Grill J.-B. et al. Bootstrap Your Own Latent: A New Approach to "
-                        "Self-Supervised Learning. NeurIPS 2020"),
+            references=(THESIS, SWIN_UNETR, ("Grill J.-B. et al. Bootstrap Your Own Latent: A New Approach to "
+                        "Self-Supervised Learning. NeurIPS 2020")),
             thesis_result=result,
             data_docs=docs,
         )
         for key, modality, intensity, source, result, docs in [
             ("ctssl", "CT", CTWindow(-1000.0, 1000.0),
-             "Any folder tree of CT NIfTI volumes; the thesis' CT-SSL corpus: 3,597 CT scans from public TCIA "
-             "collections",
-             "Thesis: QT-UNet-T pre-trained on CT-SSL gained 15 Dice points on BTCV (38.51 -> 53.50) and improved "
-             "several MSD CT tasks; its Base model collapsed mid-training unnoticed (this workflow warns).",
-             "Gather CT scans as NIfTI in one folder tree (any depth). The thesis' CT-SSL (3,597 scans) drew on "
+             ("Any folder tree of CT NIfTI volumes; the thesis' CT-SSL corpus: 3,597 CT scans from public TCIA "
+             "collections"),
+             ("Thesis: QT-UNet-T pre-trained on CT-SSL gained 15 Dice points on BTCV (38.51 -> 53.50) and improved "
+             "several MSD CT tasks; its Base model collapsed mid-training unnoticed (this workflow warns)."),
+             ("Gather CT scans as NIfTI in one folder tree (any depth). The thesis' CT-SSL (3,597 scans) drew on "
              "public TCIA collections as Swin-UNETR's pre-training did: LUNA16 / LIDC-IDRI, TCIA COVID-19, "
              "HNSCC, TCIA Colonography, and the unlabelled CT tasks of the Medical Segmentation Decathlon and "
-             "LiTS, converted from DICOM to NIfTI (e.g. with dcm2niix)."),
+             "LiTS, converted from DICOM to NIfTI (e.g. with dcm2niix).")),
             ("mrissl", "MR", NonzeroNorm(),
              "Any folder tree of (single-channel) MRI NIfTI volumes",
              "Thesis: in-task MRI pre-training (BraTS) lowered HD95 on BraTS 2021 (QT-UNet-T 5.79 -> 5.31 mm).",
-             "Gather MRI volumes as NIfTI in one folder tree (any depth), e.g. the modalities of BraTS, IXI or "
-             "OASIS; every file is one channel."),
+             ("Gather MRI volumes as NIfTI in one folder tree (any depth), e.g. the modalities of BraTS, IXI or "
+             "OASIS; every file is one channel.")),
         ]
     ],
     Task(
@@ -414,12 +431,12 @@ for _task in [
         ),
         references=(
             THESIS,
-            "Peiris H., Hayat M., Chen Z., Egan G., Harandi M. A Robust Volumetric Transformer for Accurate 3D Tumor "
-            "Segmentation. MICCAI 2022",
-            "Fonov V., Evans A.C., Botteron K., Almli C.R., McKinstry R.C., Collins D.L. Unbiased average "
-            "age-appropriate atlases for pediatric studies. NeuroImage 54(1), 2011",
-            "Fonov V., Evans A.C., McKinstry R.C., Almli C.R., Collins D.L. Unbiased nonlinear average "
-            "age-appropriate brain templates from birth to adulthood. NeuroImage 47, S102, 2009",
+            ("Peiris H., Hayat M., Chen Z., Egan G., Harandi M. A Robust Volumetric Transformer for Accurate 3D Tumor "
+            "Segmentation. MICCAI 2022"),
+            ("Fonov V., Evans A.C., Botteron K., Almli C.R., McKinstry R.C., Collins D.L. Unbiased average "
+            "age-appropriate atlases for pediatric studies. NeuroImage 54(1), 2011"),
+            ("Fonov V., Evans A.C., McKinstry R.C., Almli C.R., Collins D.L. Unbiased nonlinear average "
+            "age-appropriate brain templates from birth to adulthood. NeuroImage 47, S102, 2009"),
         ),
     ),
 ]:

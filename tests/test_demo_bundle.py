@@ -22,12 +22,11 @@ pytest.importorskip("nilearn")
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def _run(args, cwd, timeout=900, check=True, extra_env=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
@@ -72,9 +71,6 @@ def test_prepared_data_is_in_decathlon_layout(demo_data):
 
 
 def test_monai_bundle_checks(bundle):
-    if SCHEMA.is_file():
-        _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-              "--filepath", str(SCHEMA)], bundle)
     _run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
           "configs/metadata.json", "--config_file", "configs/inference.json", "--device", "cpu"], bundle)
     (bundle / "models").mkdir()

@@ -46,7 +46,7 @@ def test_monai_bundle_ckpt_export(tmp_path):
            "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
            "--use_trace", "True"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     exported = torch.jit.load(tmp_path / "models" / "model.ts")
     x = torch.randn(1, 1, 32, 32, 32)

@@ -16,7 +16,7 @@ DEPTHS, HEADS, C, WINDOW = (2, 2, 6, 2), (3, 6, 12, 24), 96, 7
 def random_swin_tiny(official: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     """A randomly initialised Swin-T state dict with timm's (or Microsoft's) key names and shapes."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=g)
     state = {"patch_embed.proj.weight": r(C, 3, 4, 4), "patch_embed.proj.bias": r(C),
              "patch_embed.norm.weight": r(C), "patch_embed.norm.bias": r(C)}
     for i, (depth, heads) in enumerate(zip(DEPTHS, HEADS)):

@@ -10,22 +10,34 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import tomllib
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.losses import DiceLoss
 from monai.handlers import MeanDice, ValidationHandler, from_engine
+from monai.losses import DiceLoss
 from monai.transforms import AsDiscreted, Compose
 
-from qtunet_monai.bundle import (AtomicNibabelWriter, BestModelSaver, CheckpointError, DataError, NonFiniteError,
-                                 OutputError, ResumeCheckpoint, StopOnNonFiniteLoss, atomic_save, check_cases,
-                                 check_writable, clean_stale_temporaries, load_pretrained)
+from qtunet_monai.bundle import (
+    AtomicNibabelWriter,
+    BestModelSaver,
+    CheckpointError,
+    DataError,
+    NonFiniteError,
+    OutputError,
+    ResumeCheckpoint,
+    StopOnNonFiniteLoss,
+    atomic_save,
+    check_cases,
+    check_writable,
+    clean_stale_temporaries,
+    load_pretrained,
+)
 from qtunet_monai.bundle.files import temporary_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +152,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 # ------------------------------------------------------------------------------------- files of killed runs
 def _dead_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False)
     return int(done.stdout)
 
 
@@ -157,7 +169,7 @@ def test_killed_checkpoint_write_leaves_the_old_file_and_a_temporary_removed_at_
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         """)
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     assert done.returncode == -signal.SIGKILL
     leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".resume.pt.")
@@ -202,7 +214,7 @@ def read_only_folder(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"root, and mounting a read-only tmpfs is not permitted: {mounted.stderr.decode().strip()}")
     yield folder
@@ -284,11 +296,11 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[str, str]]:
         "nan": (_nifti(folder / "nan.nii.gz", nan), "image contains NaN or infinite intensities"),
         "inf": (_nifti(folder / "inf.nii.gz", inf), "image contains NaN or infinite intensities"),
         "extreme": (_nifti(folder / "extreme.nii.gz", extreme), "intensities up to 3e+38 exceed the limit of 1e+06"),
-        "2d": (_nifti(folder / "slice.nii.gz", _volume(6, (8, 8))), "a 2-d image of shape (8, 8), but this bundle "
-                                                                    "expects 3-d volumes"),
+        "2d": (_nifti(folder / "slice.nii.gz", _volume(6, (8, 8))), ("a 2-d image of shape (8, 8), but this bundle "
+                                                                    "expects 3-d volumes")),
         "5d": (_nifti(folder / "series.nii.gz", _volume(7, (8, 8, 8, 2, 2))), "a 5-d image"),
-        "channels": (_nifti(folder / "two.nii.gz", _volume(8, (8, 8, 8, 2))), "2 image channel(s), but the network "
-                                                                              "expects 1"),
+        "channels": (_nifti(folder / "two.nii.gz", _volume(8, (8, 8, 8, 2))), ("2 image channel(s), but the network "
+                                                                              "expects 1")),
         "truncated": (str(truncated), "unreadable"),
         "header_only": (str(header_only), "unreadable"),
         "not_an_image": (str((folder / "notes.nii.gz").write_text("text") and folder / "notes.nii.gz"), "unreadable"),
@@ -342,13 +354,13 @@ def test_a_data_error_wrapped_by_monai_ends_in_its_own_message(tmp_path):
         """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("QTUNET_MONAI_DEBUG", None)
-    brief = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    brief = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
     assert brief.returncode == 1
     assert brief.stderr.strip().splitlines()[-1] == f"DataError: {file}: a 2-d image of shape (8, 8), but this " \
                                                     "bundle expects 3-d volumes (optionally with channels last)"
     assert "Traceback" not in brief.stderr and "QTUNET_MONAI_DEBUG=1" in brief.stderr
     full = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**env, "QTUNET_MONAI_DEBUG": "1"})
+                          env={**env, "QTUNET_MONAI_DEBUG": "1"}, check=False)
     assert full.returncode == 1
     assert "Traceback" in full.stderr and "Failed to evaluate" in full.stderr
     assert full.stderr.strip().splitlines()[-1] == brief.stderr.strip().splitlines()[-1]

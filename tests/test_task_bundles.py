@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ckpt_export, run, verify_metadata, verify_net_in_out
+from monai.bundle import ckpt_export, run, verify_net_in_out
 
 from qtunet_monai.cli import fake_data, prepare_data
 from qtunet_monai.tasks import TASKS
@@ -26,7 +26,6 @@ _spec = importlib.util.spec_from_file_location("generate_bundles", GENERATOR)
 generate_bundles = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generate_bundles)
 check_bundles, render_bundle = generate_bundles.check_bundles, generate_bundles.render_bundle
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 TASK_BUNDLES = [t for t in TASKS.values() if t.data != "demo" and not t.pretraining_only]
 
 
@@ -47,7 +46,7 @@ def test_generator_check_fails_on_drift(tmp_path):
     train = root / name / "configs" / "train.json"
     train.write_text(train.read_text().replace('"max_epochs": 30', '"max_epochs": 31'))
     result = subprocess.run([sys.executable, str(GENERATOR), "--check", "--root", str(root)], capture_output=True,
-                            text=True)
+                            text=True, check=False)
     assert result.returncode == 1 and str(train) in result.stdout and result.stdout.count(".json") == 1
 
 
@@ -79,7 +78,7 @@ def test_generated_configs_follow_the_thesis_recipe():
     brats = json.loads(render_bundle(TASKS["qtunet_brats21_segmentation"])["configs/train.json"])
     assert brats["roi_size"] == [128, 128, 128] and brats["pixdim"] == [1.0, 1.0, 1.0]
     btcv = json.loads(render_bundle(TASKS["qtunet_btcv_segmentation"])["configs/train.json"])
-    scale = [t for t in btcv["train"]["deterministic_transforms"] if t["_target_"] == "ScaleIntensityRanged"][0]
+    scale = next(t for t in btcv["train"]["deterministic_transforms"] if t["_target_"] == "ScaleIntensityRanged")
     assert (scale["a_min"], scale["a_max"], btcv["pixdim"]) == (-175.0, 250.0, [1.5, 1.5, 2.0])
 
 
@@ -100,10 +99,6 @@ def test_bundle_end_to_end_on_fake_data(task, tmp_path, monkeypatch):
     monkeypatch.chdir(bundle)
     over = _overrides(task)
 
-    if SCHEMA.is_file():
-        schema = tmp_path / "schema.json"  # MONAI downloads unless the file given exists
-        shutil.copy(SCHEMA, schema)
-        verify_metadata(meta_file="configs/metadata.json", filepath=str(schema))
     verify_net_in_out("network_def", meta_file="configs/metadata.json", config_file="configs/inference.json",
                       device="cpu", n=1)
 
@@ -153,10 +148,6 @@ def test_pretrain_then_finetune_on_fake_data(key, tmp_path, monkeypatch, capsys)
     prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
     monkeypatch.chdir(bundle)
     roi = [64, 64] if task.spatial_dims == 2 else [32, 32, 32]
-    if SCHEMA.is_file():
-        schema = tmp_path / "schema.json"
-        shutil.copy(SCHEMA, schema)
-        verify_metadata(meta_file="configs/metadata.json", filepath=str(schema))
     run(config_file="configs/pretrain.json", max_epochs=2, batch_size=2, roi_size=roi, num_workers=0)
     encoder = torch.load("models/pretrained.pt", weights_only=True)
     assert torch.load("models/pretrain_resume.pt", weights_only=True)["epoch"] == 2

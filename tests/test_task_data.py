@@ -13,11 +13,24 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapLabelValued
 
-from qtunet_monai.bundle import DataError, LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss, check_cases
+from qtunet_monai.bundle import (
+    DataError,
+    LabelsToRegionsd,
+    MaskVoidd,
+    RegionsToLabelsd,
+    VoidMaskedDiceLoss,
+    check_cases,
+)
 from qtunet_monai.data.brats import BRATS_REGIONS, brats_datalist, split_sizes, write_fake_brats
 from qtunet_monai.data.btcv import btcv_datalist, write_fake_btcv
-from qtunet_monai.data.cityscapes import CATEGORY_MAP, CATEGORY_NAMES, CLASS_MAP, CLASS_NAMES, cityscapes_datalist, \
-    write_fake_cityscapes
+from qtunet_monai.data.cityscapes import (
+    CATEGORY_MAP,
+    CATEGORY_NAMES,
+    CLASS_MAP,
+    CLASS_NAMES,
+    cityscapes_datalist,
+    write_fake_cityscapes,
+)
 
 
 def test_brats_split_is_the_thesis_split_for_the_full_data_set():

@@ -8,13 +8,19 @@ that a data or checkpoint error ends the run with its own one-line message rathe
 ``Failed to evaluate ConfigExpression`` traceback; ``QTUNET_MONAI_DEBUG=1`` shows the traceback too.
 """
 
-from .checkpoints import (BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss, atomic_save, load_pretrained,
-                          prepare_folder)
+from ..networks.imagenet import load_imagenet_swin
+from .checkpoints import (
+    BestModelSaver,
+    ResumeCheckpoint,
+    StopOnNonFiniteLoss,
+    atomic_save,
+    load_pretrained,
+    prepare_folder,
+)
 from .datalist import check_cases, load_datalist
 from .distributed import DeviceError, init_distributed, local_gpu, local_rank, process_device
 from .errors import CheckpointError, DataError, NonFiniteError, OutputError, ReportedError, install_excepthook
 from .files import AtomicNibabelWriter, AtomicPILWriter, check_writable, clean_stale_temporaries
-from ..networks.imagenet import load_imagenet_swin
 from .optim import no_weight_decay_names, param_groups
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 

@@ -133,6 +133,6 @@ class VoidMaskedDiceLoss(MaskedDiceLoss):
         super().__init__(include_background=False, to_onehot_y=True, softmax=True, **kwargs)
         self.void_value = void_value
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 (MONAI's name)
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         mask = (target != self.void_value).to(input.dtype)
         return super().forward(input, target, mask=mask)

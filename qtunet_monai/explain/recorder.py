@@ -78,7 +78,7 @@ class AttentionRecorder:
         self.captures: dict[str, Capture] = {}
         self._handles: list = []
 
-    def __enter__(self) -> AttentionRecorder:
+    def __enter__(self) -> AttentionRecorder:  # noqa: PYI034 - Python 3.10 has no typing.Self
         for site in self.sites:
             self._handles.append(site.module.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True))
             if self.keep_outputs:

@@ -1,5 +1,5 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""Two augmented views of one crop for self-supervised pre-training (SPEC.md section 4).
+"""Two augmented views of one crop for self-supervised pre-training (docs/architecture.md section 4).
 
 Each view is an independent draw of a rotation by 0/90/180/270 degrees in the axial plane (its
 class is the rotation label) followed by random cut-out boxes. The reconstruction target of a view

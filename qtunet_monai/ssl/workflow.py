@@ -74,7 +74,7 @@ class SSLTrainer(SupervisedTrainer):
         self.base_momentum = base_momentum
         self.optimizer_steps = 0
 
-    def _iteration(self, engine: Engine, batchdata: dict) -> dict:  # noqa: D401 (ignite's hook)
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         batch = _batch(engine, batchdata)
         # micro-batch i of the epoch belongs to optimiser step i // k; the epoch's last step may be short
         k, length = self.accumulation_steps, engine.state.epoch_length
@@ -130,7 +130,7 @@ class SSLEvaluator(SupervisedEvaluator):
         super().__init__(*args, **kwargs)
         self.loss_function = loss_function
 
-    def _iteration(self, engine: Engine, batchdata: dict) -> dict:  # noqa: D401 (ignite's hook)
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         batch = _batch(engine, batchdata)
         engine.network.eval()
         with torch.no_grad(), torch.autocast(torch.device(engine.state.device).type, enabled=bool(engine.amp)):
