@@ -1,5 +1,5 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""The QT-UNet encoder with the three pre-training heads of the thesis (SPEC.md section 4).
+"""The QT-UNet encoder with the three pre-training heads of the thesis (docs/architecture.md section 4).
 
 - reconstruction: one transposed convolution from the encoder output back to the input size,
   L1 against the un-masked view;

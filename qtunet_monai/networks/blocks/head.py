@@ -19,7 +19,7 @@ class SegmentationHead(nn.Module):
     convolution without bias, as a Linear on channels-last tokens). Channels-last tokens in,
     channels-first logits out.
 
-    With ``scale_factor`` equal to the patch size this is QT-UNet's classifier (SPEC.md section 1,
+    With ``scale_factor`` equal to the patch size this is QT-UNet's classifier (docs/architecture.md section 1,
     "classifier"); with 1 it is an auxiliary head of deep supervision, giving logits on the
     decoder stage's own grid.
 

@@ -1,6 +1,6 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """QT-UNet: an all-Swin-Transformer U-Net whose decoder queries the same-stage encoder features
-through its own windowed cross-attention (see SPEC.md section 1 and the thesis, chapter 3)."""
+through its own windowed cross-attention (see docs/architecture.md section 1 and the thesis, chapter 3)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ class QTUNet(_Encoder):
     projections. Head (:class:`SegmentationHead`): LayerNorm, a x``patch_size`` expansion back to the
     input grid and a pointwise projection to the classes.
 
-    Choices the thesis leaves open (SPEC.md section 1): the shift is ``window_size // 2``; the skip and
+    Choices the thesis leaves open (docs/architecture.md section 1): the shift is ``window_size // 2``; the skip and
     the cross-attention read a stage's *output* (after its sub-blocks, before merging); the
     cross-attention normalises its key/value source with its own LayerNorm; with
     ``merge_depth=False`` the depth axis is MONAI's last spatial axis.
