@@ -7,9 +7,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .windows import WindowGeometry
+from .windows import MASK_VALUE, WindowGeometry
 
-__all__ = ["WindowAttention", "WindowCrossAttention"]
+__all__ = ["WindowAttention", "WindowCrossAttention", "ATTENTION_BACKENDS", "attention_backend"]
+
+#: how :meth:`WindowAttention.attend` computes attention (see :class:`WindowAttention`)
+ATTENTION_BACKENDS = ("sdpa", "flex", "explicit")
+
+
+def attention_backend(fused_attention: bool | str) -> str:
+    """The backend name for a ``fused_attention`` argument: True is ``"sdpa"``, False ``"explicit"``."""
+    if fused_attention is True or fused_attention is False:
+        return "sdpa" if fused_attention else "explicit"
+    if fused_attention not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend fused_attention={fused_attention!r}; choose True, False or one of "
+            f"{list(ATTENTION_BACKENDS)}."
+        )
+    return fused_attention
+
+
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 class WindowAttention(nn.Module):
@@ -26,8 +47,17 @@ class WindowAttention(nn.Module):
         window_size: nominal window per axis; the bias table holds ``(2 * window_size - 1)^n`` offsets.
         spatial_dims: 2 or 3.
         qkv_bias: bias on the query/key/value projections.
-        fused_attention: use ``torch.nn.functional.scaled_dot_product_attention`` (bias and shift mask
-            passed as one additive mask); otherwise explicit matmul and softmax, which fvcore counts.
+        fused_attention: the attention backend. ``True`` or ``"sdpa"``:
+            ``torch.nn.functional.scaled_dot_product_attention`` with the bias (and shift mask) as an
+            additive mask that broadcasts over the batch; on CPU while the bias needs a gradient, the
+            explicit path (torch's fused CPU kernel has no mask gradient, and its math fallback would
+            compute the same in float32). ``"flex"``: ``torch.nn.attention.flex_attention`` with the
+            bias and the shift mask added inside the kernel by a ``score_mod`` from the bias and the
+            windows' region ids, so no ``(windows, heads, N, N)`` tensor exists; fused only under
+            ``torch.compile`` (eager flex materialises the scores) and, in torch 2.13, without a
+            backward pass on CPU. ``False`` or ``"explicit"``: matmul and softmax, the reference, which
+            fvcore counts. All three compute the same function (padding tokens are attended to as zero
+            tokens, as in Swin).
     """
 
     def __init__(
@@ -45,6 +75,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        attention_backend(fused_attention)  # refuse an unknown backend now, not at the first forward
         self.fused_attention = fused_attention
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** spatial_dims, num_heads))
         self._init_projections(dim, qkv_bias)
@@ -69,30 +100,74 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[geometry.relative_index.reshape(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)
 
+    @property
+    def attention_backend(self) -> str:
+        """``"sdpa"``, ``"flex"`` or ``"explicit"``, from :attr:`fused_attention` (which may be reassigned)."""
+        return attention_backend(self.fused_attention)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """Attention of ``q`` over ``k, v`` within each window, then the output projection.
 
         Returns windows ``(b, N, C)``.
         """
         b, heads, n, head_dim = q.shape
+        backend = self.attention_backend
+        bias_grad = torch.is_grad_enabled() and self.relative_position_bias_table.requires_grad
+        if backend == "sdpa" and q.device.type == "cpu" and bias_grad:
+            # torch's fused CPU kernel has no gradient for an additive mask: SDPA would take its math
+            # path, which upcasts to float32 under autocast and adds a NaN-guarded softmax. The explicit
+            # path computes the same in the autocast dtype, and faster.
+            backend = "explicit"
+        attend = {"sdpa": self._attend_sdpa, "flex": self._attend_flex, "explicit": self._attend_explicit}[backend]
+        out = attend(q, k, v, geometry)
+        return self.proj(out.transpose(1, 2).reshape(b, n, heads * head_dim))
+
+    def _attend_explicit(self, q, k, v, geometry: WindowGeometry) -> torch.Tensor:
+        b, heads, n, _ = q.shape
+        attn = (q * self.scale) @ k.transpose(-2, -1) + self.relative_bias(geometry).to(q.dtype).unsqueeze(0)
+        mask = geometry.attn_mask
+        if mask is not None:
+            num_windows = mask.shape[0]
+            attn = attn.view(b // num_windows, num_windows, heads, n, n) + mask.to(attn.dtype)[None, :, None]
+            attn = attn.view(b, heads, n, n)
+        return attn.softmax(dim=-1) @ v
+
+    def _attend_sdpa(self, q, k, v, geometry: WindowGeometry) -> torch.Tensor:
         bias = self.relative_bias(geometry).to(q.dtype)
         mask = geometry.attn_mask
-        if self.fused_attention:
-            if mask is None:
-                attn_mask = bias.unsqueeze(0)  # broadcast over all windows
-            else:
-                num_windows = mask.shape[0]
-                attn_mask = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)  # (nW, heads, N, N)
-                attn_mask = attn_mask.unsqueeze(0).expand(b // num_windows, -1, -1, -1, -1).reshape(b, heads, n, n)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if mask is None:  # (1, heads, N, N) broadcasts over all windows (a 3-d mask misses the fused kernels)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        # Windows joined with the heads: the (windows * heads, N, N) bias + mask then broadcasts over
+        # the volumes of the batch, where a per-window mask would be copied for every volume.
+        b, heads, n, head_dim = q.shape
+        num_windows = mask.shape[0]
+        batch = b // num_windows
+        attn_mask = (mask.to(q.dtype).unsqueeze(1) + bias).reshape(1, num_windows * heads, n, n)
+        q, k, v = (t.reshape(batch, num_windows * heads, n, t.shape[-1]) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(b, heads, n, head_dim)
+
+    def _attend_flex(self, q, k, v, geometry: WindowGeometry) -> torch.Tensor:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError(
+                f"attention backend 'flex' cannot train on CPU: torch {torch.__version__}'s flex_attention has no "
+                "backward pass there. Use fused_attention='sdpa' (or True) for training on CPU."
+            )
+        bias = self.relative_bias(geometry).to(q.dtype)
+        regions = geometry.region_index
+        if regions is None:
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[h, q_idx, kv_idx]
+
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
-            if mask is not None:
-                num_windows = mask.shape[0]
-                attn = attn.view(b // num_windows, num_windows, heads, n, n) + mask.to(attn.dtype)[None, :, None]
-                attn = attn.view(b, heads, n, n)
-            out = attn.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, n, heads * head_dim))
+            num_windows = regions.shape[0]
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                window = b % num_windows  # windows are batch-major: index = volume * num_windows + window
+                same_region = regions[window, q_idx] == regions[window, kv_idx]
+                return score + bias[h, q_idx, kv_idx] + torch.where(same_region, 0.0, MASK_VALUE)
+
+        return _flex_attention()(q, k, v, score_mod=score_mod, scale=self.scale)
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         return self.attend(*self.project_qkv(x), geometry)

@@ -196,10 +196,9 @@ def _build_position_encoding(spatial_shape: tuple[int, ...], channels: int, devi
 def sinusoidal_position_encoding(spatial_shape: Sequence[int], channels: int, device) -> torch.Tensor:
     """Fixed sinusoidal encoding ``(*spatial, channels)``: per axis, sines and cosines of the
     position at geometric frequencies, concatenated over axes (as VT-UNet's 3D encoding)."""
-    key = (tuple(int(s) for s in spatial_shape), int(channels), torch.device(device))
-    if torch.jit.is_tracing():  # see window_geometry: traces must not depend on the cache
-        return _build_position_encoding(*key)
-    return _cached_position_encoding(*key)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # see window_geometry: built in the graph
+        return _build_position_encoding(tuple(spatial_shape), channels, torch.device(device))
+    return _cached_position_encoding(tuple(int(s) for s in spatial_shape), int(channels), torch.device(device))
 
 
 class VTDecoderSubBlock(DecoderSubBlock):

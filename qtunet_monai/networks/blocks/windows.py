@@ -4,6 +4,11 @@
 A stage runs all its sub-blocks on one feature-map size, so the padding, window size, shift,
 shift mask and relative-position index are computed once per (size, window, shift, device) and
 cached; the forward pass only looks them up.
+
+Under ``torch.compile`` the geometry is built inside the graph instead, from the (possibly
+symbolic) feature-map size: every index is then derived from the same sizes as the tensors it
+indexes, so the compiler neither traces the cache nor lifts index tensors whose sizes it cannot
+relate to the feature map, and a new input size costs one recompilation of the whole graph.
 """
 
 from __future__ import annotations
@@ -15,19 +20,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.swin_unetr import compute_mask, get_window_size, window_partition
+from monai.networks.nets.swin_unetr import get_window_size, window_partition, window_reverse
 
-__all__ = ["WindowGeometry", "window_geometry", "relative_position_index"]
+__all__ = ["WindowGeometry", "window_geometry", "relative_position_index", "shift_regions", "region_mask", "MASK_VALUE"]
 
-# The MONAI Swin helpers keep Swin's convention of a large negative (not -inf) mask value, which
-# stays finite in fp16 and never produces a fully masked row.
+#: Swin's additive mask value between shifted regions (as MONAI's ``compute_mask``): large and
+#: negative but finite, so it stays finite in fp16 and never produces a fully masked row.
+MASK_VALUE = -100.0
 
 
 @dataclass(frozen=True, eq=False)
 class WindowGeometry:
     """How a channels-last feature map of one spatial shape is cut into attention windows.
 
-    Padding, the cyclic shift and the cut into windows are one cached index: :meth:`partition` is a
+    Padding, the cyclic shift and the cut into windows are one index: :meth:`partition` is a
     single gather and :meth:`reverse` a single gather back (shift undone and padding cropped), where
     the textbook pad + roll + permute takes three copies each way and ``torch.roll`` alone costs
     more than all the rest.
@@ -42,6 +48,9 @@ class WindowGeometry:
         gather_index: ``(num_windows * N,)`` token of the flattened map at each window position;
             padding points one past the end, at a zero token.
         scatter_index: ``(prod(spatial_shape),)`` window position of each token of the map.
+        region_index: ``(num_windows, N)`` shifted region of each window position (tokens attend
+            only within their region: ``attn_mask`` is :data:`MASK_VALUE` where regions differ), or
+            None without a shift. Lets an attention kernel compute the mask instead of reading it.
     """
 
     spatial_shape: tuple[int, ...]
@@ -52,6 +61,7 @@ class WindowGeometry:
     relative_index: torch.Tensor
     gather_index: torch.Tensor
     scatter_index: torch.Tensor
+    region_index: torch.Tensor | None = None
 
     @property
     def tokens_per_window(self) -> int:
@@ -81,20 +91,49 @@ class WindowGeometry:
 
 
 def _window_indices(spatial_shape, padded_shape, window_size, shift_size, device):
-    """Gather and scatter indices of :class:`WindowGeometry` (see there)."""
+    """Gather and scatter indices of :class:`WindowGeometry` (see there).
+
+    Both come from index grids moved through the same pad, roll and window cut as the features, with
+    no data-dependent step, so they trace with symbolic sizes too.
+    """
     tokens = math.prod(spatial_shape)
     grid = torch.arange(tokens, device=device).view(spatial_shape)
     pads: list[int] = []
     for size, padded in zip(reversed(spatial_shape), reversed(padded_shape)):
         pads += [0, padded - size]
     grid = F.pad(grid, pads, value=tokens)  # padding -> the zero token
+    axes = tuple(range(len(shift_size)))
     if any(shift_size):
-        grid = torch.roll(grid, shifts=tuple(-s for s in shift_size), dims=tuple(range(len(shift_size))))
+        grid = torch.roll(grid, shifts=tuple(-s for s in shift_size), dims=axes)
     gather = window_partition(grid[None, ..., None], window_size).reshape(-1)
-    real = gather < tokens
-    scatter = torch.empty(tokens, dtype=torch.long, device=device)
-    scatter[gather[real]] = torch.arange(gather.numel(), device=device)[real]
+    # the window position of every point of the shifted, padded map; unshifted and cropped, of every token
+    positions = torch.arange(gather.numel(), device=device).view(-1, math.prod(window_size), 1)
+    grid = window_reverse(positions, window_size, (1, *padded_shape))[0, ..., 0]
+    if any(shift_size):
+        grid = torch.roll(grid, shifts=tuple(shift_size), dims=axes)
+    scatter = grid[tuple(slice(0, s) for s in spatial_shape)].reshape(-1)
     return gather, scatter
+
+
+def shift_regions(padded_shape, window_size, shift_size, device) -> torch.Tensor:
+    """``(num_windows, N)`` region of each window position of a shifted map: the regions of MONAI's
+    ``compute_mask`` (per shifted axis: the part that stays, the window before the wrap, the wrapped
+    part), computed per axis and combined, which traces to a few arithmetic ops instead of 27 slice
+    assignments."""
+    regions = torch.zeros((1,) * len(padded_shape), dtype=torch.long, device=device)
+    for axis, (size, window, shift) in enumerate(zip(padded_shape, window_size, shift_size)):
+        coords = torch.arange(size, device=device)
+        per_axis = (coords >= size - window).long() + (coords >= size - shift).long() if shift else coords * 0
+        view = [1] * len(padded_shape)
+        view[axis] = size
+        regions = regions * 3 + per_axis.view(view)
+    return window_partition(regions[None, ..., None], window_size).squeeze(-1)
+
+
+def region_mask(regions: torch.Tensor) -> torch.Tensor:
+    """``(num_windows, N, N)`` additive mask: :data:`MASK_VALUE` between positions of different regions."""
+    different = regions.unsqueeze(1) != regions.unsqueeze(2)
+    return torch.zeros(different.shape, device=regions.device).masked_fill(different, MASK_VALUE)
 
 
 def relative_position_index(window_size: Sequence[int], table_window: int, device: torch.device | None = None):
@@ -113,18 +152,26 @@ def relative_position_index(window_size: Sequence[int], table_window: int, devic
     return index
 
 
-def _build_geometry(spatial_shape: tuple[int, ...], window: int, shift: int, device: torch.device) -> WindowGeometry:
+def _build_geometry(spatial_shape: tuple, window: int, shift: int, device: torch.device) -> WindowGeometry:
     full = (window,) * len(spatial_shape)
     window_size, shift_size = get_window_size(spatial_shape, full, (shift,) * len(spatial_shape))
-    window_size, shift_size = tuple(int(w) for w in window_size), tuple(int(s) for s in shift_size)
-    padded = tuple(math.ceil(s / w) * w for s, w in zip(spatial_shape, window_size))
+    # ceiling division in integers keeps symbolic sizes symbolic under torch.compile
+    padded = tuple(-(-s // w) * w for s, w in zip(spatial_shape, window_size))
+    regions = shift_regions(padded, window_size, shift_size, device) if any(shift_size) else None
+    mask = region_mask(regions) if regions is not None else None
+    index = relative_position_index(window_size, window, device)
+    gather, scatter = _window_indices(spatial_shape, padded, window_size, shift_size, device)
+    return WindowGeometry(
+        tuple(spatial_shape), tuple(window_size), tuple(shift_size), padded, mask, index, gather, scatter, regions
+    )
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_geometry(spatial_shape: tuple[int, ...], window: int, shift: int, device: torch.device) -> WindowGeometry:
     # Cached tensors must be ordinary tensors even when first built under inference_mode, or a
     # later training step could not save them for backward.
     with torch.inference_mode(False), torch.no_grad():
-        mask = compute_mask(padded, window_size, shift_size, device) if any(shift_size) else None
-        index = relative_position_index(window_size, window, device)
-        gather, scatter = _window_indices(spatial_shape, padded, window_size, shift_size, device)
-    return WindowGeometry(spatial_shape, window_size, shift_size, padded, mask, index, gather, scatter)
+        return _build_geometry(spatial_shape, window, shift, device)
 
 
 def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, device: torch.device) -> WindowGeometry:
@@ -137,12 +184,9 @@ def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, devic
             the window get a window equal to the map and no shift.
         device: where the mask and index tensors live.
     """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Build in the graph: a tracer records whatever runs, so every trace holds the same graph
+        # and no traced tensor enters the cache; torch.compile keeps sizes symbolic (no int()).
+        return _build_geometry(tuple(spatial_shape), window, shift, torch.device(device))
     key = (tuple(int(s) for s in spatial_shape), int(window), int(shift), torch.device(device))
-    if torch.jit.is_tracing():
-        # A tracer records whatever runs: build afresh so every trace holds the same graph, and keep
-        # traced tensors out of the cache.
-        return _build_geometry(*key)
     return _cached_geometry(*key)
-
-
-_cached_geometry = functools.lru_cache(maxsize=128)(_build_geometry)
