@@ -2,9 +2,13 @@
 """QT-UNet against MONAI's networks, measured side by side in one run.
 
 Timings alternate between models inside each repeat (model A, B, C, then A, B, C again ...), so a
-noisy machine slows all of them alike and the ratios survive. Peak memory is measured per model
-and scenario in a fresh child process on CPU (process RSS is monotonic, so it cannot be isolated
-in one process) and with ``torch.cuda.max_memory_allocated`` on GPU.
+noisy machine slows all of them alike and the ratios survive. With ``compile`` every model is
+measured eager and under ``torch.compile`` (default arguments), alternating too, and compared in its
+faster mode. Peak memory is measured per model and scenario in a fresh child process on CPU (process
+RSS is monotonic, so it cannot be isolated in one process) and with ``torch.cuda.max_memory_allocated``
+on GPU. One further step per model and mode runs under ``torch.profiler`` to count what a step
+launches: GPU kernels on CUDA, leaf ``aten`` operator calls on CPU (an inductor-compiled CPU kernel
+is not an ``aten`` call, so the CPU count of a compiled model covers only what stayed eager).
 
 Run ``python -m qtunet_monai bench --help`` for the options; results go to JSON and Markdown.
 """
@@ -79,6 +83,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 SCENARIOS = {
     "infer96": ("infer", 96),
     "infer128": ("infer", 128),
+    "train64": ("train", 64),
     "train96": ("train", 96),
     "train128": ("train", 128),
     "sliding128": ("sliding", 128),
@@ -93,7 +98,7 @@ def build_model(name: str, roi: int, device: torch.device) -> nn.Module:
 
 
 class _Runner:
-    """One model in one scenario: a callable that performs the measured work once."""
+    """One model in one scenario and mode: a callable that performs the measured work once."""
 
     def __init__(self, name: str, kind: str, roi: int, device: torch.device, amp: str | None, compile: bool,
                  batch: int, overlap: float):
@@ -166,6 +171,24 @@ def _cpu_peak_memory_mb(name: str, kind: str, roi: int, overlap: float) -> float
     return queue.get()
 
 
+def _count_launches(run: Callable[[], None], device: torch.device) -> dict[str, int]:
+    """What one call of ``run`` launches, from ``torch.profiler``: ``kernels`` (GPU kernels on
+    CUDA, leaf ``aten`` operator calls on CPU) and ``copies`` (``aten::copy_`` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    events = prof.events()
+    if device.type == "cuda":
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        aten = [e for e in events if e.name.startswith("aten::")]
+        kernels = sum(1 for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children))
+    copies = sum(1 for e in events if e.name == "aten::copy_")
+    return {"kernels": kernels, "copies": copies}
+
+
 def _forward_gflops(name: str, roi: int) -> float | None:
     try:
         from .complexity import count_flops
@@ -210,6 +233,7 @@ def run_benchmark(
     result: dict = {
         "environment": {
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "device_type": dev.type,
             "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "amp": amp,
@@ -221,41 +245,62 @@ def run_benchmark(
         },
         "scenarios": {},
     }
+    modes = ("eager", "compiled") if compile else ("eager",)
     for scenario in scenarios:
         kind, roi = SCENARIOS[scenario]
         log(f"[{scenario}] building {len(models)} models")
-        runners = {}
+        runners: dict[tuple[str, str], _Runner] = {}
+        compile_seconds: dict[str, float] = {}
         # A whole-volume sliding window is many ROI passes already: warm up with one ROI pass and
         # time it once, or the scenario alone would take an hour on a CPU.
         scenario_repeats = 1 if kind == "sliding" else repeats
         for name in models:
-            try:
-                runners[name] = _Runner(name, kind, roi, dev, amp, compile, batch, overlap)
-                if kind == "sliding":
-                    with torch.inference_mode():
-                        runners[name].step_model(runners[name].x[..., :roi, :roi, :roi])
-                else:
-                    runners[name]()  # warm-up (and compilation)
-            except torch.OutOfMemoryError:
-                log(f"[{scenario}] {name}: out of memory")
-                runners.pop(name, None)
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        timings: dict[str, list[float]] = {name: [] for name in runners}
+            for mode in modes:
+                try:
+                    runner = _Runner(name, kind, roi, dev, amp, mode == "compiled", batch, overlap)
+                    start = time.perf_counter()
+                    if kind == "sliding":
+                        with torch.inference_mode(), runner.autocast():
+                            runner.step_model(runner.x[..., :roi, :roi, :roi])
+                    else:
+                        runner()  # warm-up (and compilation)
+                    if mode == "compiled":
+                        compile_seconds[name] = time.perf_counter() - start
+                    runners[name, mode] = runner
+                except torch.OutOfMemoryError:
+                    log(f"[{scenario}] {name} ({mode}): out of memory")
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+        timings: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
         for r in range(scenario_repeats):
-            for name, run in runners.items():  # alternate between models within each repeat
+            for (name, mode), run in runners.items():  # alternate between models within each repeat
                 start = time.perf_counter()
                 run()
-                timings[name].append(time.perf_counter() - start)
-                log(f"[{scenario}] repeat {r + 1}/{scenario_repeats} {name}: {timings[name][-1]:.3f} s")
+                timings[name, mode].append(time.perf_counter() - start)
+                label = name if len(modes) == 1 else f"{name} ({mode})"
+                log(f"[{scenario}] repeat {r + 1}/{scenario_repeats} {label}: {timings[name, mode][-1]:.3f} s")
         rows = {}
-        for name, run in runners.items():
-            rows[name] = {"seconds": statistics.median(timings[name]), "all_seconds": timings[name]}
-            rows[name]["params_m"] = sum(p.numel() for p in run.model.parameters()) / 1e6
+        for name in models:
+            measured = {mode: statistics.median(timings[name, mode]) for mode in modes if (name, mode) in runners}
+            if not measured:
+                continue
+            best = min(measured, key=measured.get)
+            run = runners[name, best]
+            row = rows[name] = {"seconds": measured[best], "mode": best, "all_seconds": timings[name, best]}
+            for mode, seconds in measured.items():
+                row[f"{mode}_seconds"] = seconds
+            if name in compile_seconds:
+                row["compile_seconds"] = compile_seconds[name]
+            row["params_m"] = sum(p.numel() for p in run.model.parameters()) / 1e6
+            if kind != "sliding":
+                launches = {mode: _count_launches(runners[name, mode], dev) for mode in measured}
+                row["kernels_per_step"] = launches[best]["kernels"]
+                row["copies_per_step"] = launches[best]["copies"]
+                row["launches"] = launches
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
                 run()
-                rows[name]["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+                row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         del runners
         gc.collect()
         if dev.type == "cpu" and memory and kind != "sliding":  # sliding: about inference at the ROI
@@ -265,13 +310,14 @@ def run_benchmark(
         if kind != "sliding" and flops:
             for name, row in rows.items():
                 row["forward_gflops"] = _forward_gflops(name, roi)
-        if kind == "train":
-            for name, row in rows.items():
+        for row in rows.values():
+            if kind == "train":
                 row["volumes_per_second"] = batch / row["seconds"]
-                if peak_tflops and row.get("forward_gflops"):
-                    # fvcore counts multiply-accumulates; a training step is ~3 forward passes
-                    achieved = 3 * 2 * row["forward_gflops"] * batch / row["seconds"] / 1e3
-                    row["mfu"] = achieved / peak_tflops
+            if kind != "sliding" and row.get("forward_gflops"):
+                # fvcore counts multiply-accumulates (2 FLOPs each); a training step is ~3 forward passes
+                row["gflop_per_step"] = (3 if kind == "train" else 1) * 2 * row["forward_gflops"] * batch
+                if peak_tflops:
+                    row["mfu"] = row["gflop_per_step"] / row["seconds"] / 1e3 / peak_tflops
         reference = rows.get(REFERENCE)
         for row in rows.values():
             if reference:
@@ -285,41 +331,53 @@ def run_benchmark(
 def to_markdown(result: dict) -> str:
     """Markdown tables (one per scenario) of a :func:`run_benchmark` result."""
     env = result["environment"]
+    compiled = bool(env["compile"])
+    kernels = "GPU kernels" if env.get("device_type") == "cuda" else "aten ops"
     lines = [
         (f"Device: {env['device']} ({env['cpu_threads']} CPU threads), torch {env['torch']}, "
         f"amp {env['amp'] or 'off'}, compile {env['compile']}, batch {env['batch']}, "
         f"median of {env['repeats']} alternating repeats."),
         "",
     ]
+    if compiled:
+        lines += ["Each model eager and under torch.compile (default arguments); time is its faster mode.", ""]
+    lines += [
+        (f"{kernels}/step and copy_/step: one step under torch.profiler. GFLOP/step: the count MFU divides "
+         "by, 2 x fvcore's multiply-accumulates per forward pass (x3 for a training step) x batch."),
+        "",
+    ]
     for scenario, rows in result["scenarios"].items():
         kind, roi = SCENARIOS[scenario]
         title = {
-            "infer": f"Inference, 1 x {IN_CHANNELS} x {roi}^3",
+            "infer": f"Inference, {env['batch']} x {IN_CHANNELS} x {roi}^3",
             "train": f"Training step (forward, backward, Adam), {env['batch']} x {IN_CHANNELS} x {roi}^3",
             "sliding": f"Sliding-window inference of a {IN_CHANNELS} x {' x '.join(map(str, BRATS_VOLUME))} "
             f"volume, ROI {roi}^3, overlap {env['sliding_overlap']} (timed once)",
         }[kind]
-        lines += [f"**{title}**", ""]
-        header = "| model | params (M) | GFLOPs | time (s) | speed-up vs SwinUNETR | peak memory (MB) | memory vs SwinUNETR |"
-        sep = "|---|---:|---:|---:|---:|---:|---:|"
+        # (header, row key, format)
+        columns = [("params (M)", "params_m", ".1f"), ("GFLOPs", "forward_gflops", ".1f")]
+        columns += [("time (s)", "seconds", ".3f")]
+        if compiled:
+            columns += [("mode", "mode", "s"), ("eager (s)", "eager_seconds", ".3f")]
+            columns += [("compiled (s)", "compiled_seconds", ".3f"), ("compile (s)", "compile_seconds", ".0f")]
+        columns += [("speed-up vs SwinUNETR", "speedup_vs_swinunetr", ".2f")]
+        columns += [("peak memory (MB)", "peak_memory_mb", ".0f")]
+        columns += [("memory vs SwinUNETR", "memory_vs_swinunetr", ".2f")]
+        if kind != "sliding":
+            columns += [(f"{kernels}/step", "kernels_per_step", "d"), ("copy_/step", "copies_per_step", "d")]
         if kind == "train":
-            header += " volumes/s | MFU |"
-            sep += "---:|---:|"
-        lines += [header, sep]
+            columns += [("volumes/s", "volumes_per_second", ".3f")]
+        if kind != "sliding":
+            columns += [("GFLOP/step", "gflop_per_step", ".1f"), ("MFU", "mfu", ".1%")]
+        lines += [f"**{title}**", "", "| model | " + " | ".join(c[0] for c in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
         for name, row in rows.items():
-            def fmt(key, spec, row=row):
+            cells = []
+            for _, key, spec in columns:
                 value = row.get(key)
-                return format(value, spec) if isinstance(value, (int, float)) and not math.isnan(value) else "-"
-
-            line = (
-                f"| {name} | {fmt('params_m', '.1f')} | {fmt('forward_gflops', '.1f')} | {fmt('seconds', '.3f')} "
-                f"| {fmt('speedup_vs_swinunetr', '.2f')}x | {fmt('peak_memory_mb', '.0f')} "
-                f"| {fmt('memory_vs_swinunetr', '.2f')} |"
-            )
-            if kind == "train":
-                mfu = row.get("mfu")
-                line += f" {fmt('volumes_per_second', '.3f')} | {f'{100 * mfu:.1f} %' if mfu else '-'} |"
-            lines.append(line)
+                ok = isinstance(value, str) or (isinstance(value, (int, float)) and not math.isnan(value))
+                cells.append(format(value, spec) + ("x" if key == "speedup_vs_swinunetr" else "") if ok else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -344,12 +402,13 @@ def bench(
     Args:
         models: comma-separated names from qtunet-tiny, qtunet-small, qtunet-base, swinunetr, unetr,
             segresnet, unet.
-        scenarios: comma-separated from infer96, infer128, train96, train128, sliding128.
+        scenarios: comma-separated from infer96, infer128, train64, train96, train128, sliding128.
         repeats: timed repeats per model (after one warm-up), alternating between models; the
             whole-volume sliding window is timed once.
         device: cpu or cuda.
         amp: None, bf16 or fp16 (torch.autocast).
-        compile: wrap each model in torch.compile.
+        compile: measure each model eager and wrapped in torch.compile (default arguments), alternating,
+            and compare it in its faster mode.
         batch: batch size of the inference and training scenarios.
         overlap: sliding-window overlap.
         memory: measure peak memory (CPU: one fresh process per model and scenario).
