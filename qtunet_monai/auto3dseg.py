@@ -239,6 +239,12 @@ def _load_pretrained(parser, network) -> dict | None:
     return load_pretrained(network, str(path), exclude=tuple(parser.get("pretrained_exclude") or ()))
 
 
+def _maybe_compiled(parser, network: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(network)`` (default arguments) when the ``compile`` hyper-parameter is set; the
+    plain ``network`` stays what checkpoints save and load."""
+    return torch.compile(network) if parser.get("compile", False) else network
+
+
 def _engines(parser, train_files, val_files):
     from monai.data import CacheDataset, DataLoader, DistributedSampler
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -270,8 +276,9 @@ def _engines(parser, train_files, val_files):
     values = _values(parser)
     post = pipeline.instantiate([pipeline.activation(sigmoid), *pipeline.discretise(sigmoid)], **values)
     amp = bool(parser.get_parsed_content("amp")) and device.type == "cuda"
+    engine_network = _maybe_compiled(parser, network)
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=val_loader, network=network, amp=amp,
+        device=device, val_data_loader=val_loader, network=engine_network, amp=amp,
         inferer=pipeline.instantiate(pipeline.sliding_window("@num_sw_batch_size"), **values),
         postprocessing=Compose(post),
         key_val_metric=pipeline.instantiate(pipeline.metrics(sigmoid), **values),
@@ -279,7 +286,7 @@ def _engines(parser, train_files, val_files):
     )
     loss = pipeline.instantiate(pipeline.loss(sigmoid), **values)
     trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
+        device=device, max_epochs=epochs, train_data_loader=train_loader, network=engine_network, optimizer=optimizer,
         loss_function=loss, inferer=SimpleInferer(), amp=amp,
         train_handlers=[
             ValidationHandler(validator=evaluator, interval=parser.get_parsed_content("num_epochs_per_validation"),
@@ -362,6 +369,7 @@ class InferClass:
         weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
         state = torch.load(weights, map_location=self.device, weights_only=True)
         self.network.load_state_dict(unwrap_state_dict(state))
+        self.engine_network = _maybe_compiled(self.parser, self.network)
         self.transforms = Compose(build_transforms(self.parser, "infer"))
         values = _values(self.parser)
         self.activation = pipeline.instantiate(pipeline.activation(self.parser.get_parsed_content("sigmoid")), **values)
@@ -376,7 +384,7 @@ class InferClass:
         path = image_file["image"] if isinstance(image_file, dict) else image_file
         data = self.transforms({"image": path})
         image = data["image"]
-        logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
+        logits = self.inferer(image.unsqueeze(0).to(self.device), self.engine_network)
         data["pred"] = MetaTensor(logits[0].cpu(), affine=image.affine, meta=image.meta)
         data = self.activation(data)
         return Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=False)(data)["pred"]

@@ -136,6 +136,12 @@ def _network_def(task: Task, train: bool) -> dict:
     return net
 
 
+def _compiled_network() -> dict:
+    """``--compile True``: the engines run ``torch.compile(network)`` (default arguments); checkpoints,
+    optimiser and initialisation keep using the plain ``network``, so saved keys stay unprefixed."""
+    return {"compile": False, "engine_network": "$torch.compile(@network) if @compile else @network"}
+
+
 def train_config(task: Task) -> dict:
     config = _common(task)
     config.update({
@@ -156,6 +162,7 @@ def train_config(task: Task) -> dict:
         "imagenet_checkpoint": "$@ckpt_dir + '/swin_tiny_patch4_window7_224.pth'",
         "network_def": _network_def(task, train=True),
         "network": "$@network_def.to(@device)",
+        **_compiled_network(),
     })
     config["loss"] = pipeline.loss(task.sigmoid, task.void)
     config["optimizer"] = {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate",
@@ -187,7 +194,7 @@ def train_config(task: Task) -> dict:
             {"_target_": "ignite.handlers.ProgressBar", "persist": False},
         ],
         "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                    "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
+                    "train_data_loader": "@train#dataloader", "network": "@engine_network", "loss_function": "@loss",
                     "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
                     "amp": "@amp"},
     }
@@ -212,7 +219,7 @@ def train_config(task: Task) -> dict:
         "key_metric": dict(list(_metrics(task).items())[:1]),
         "additional_metrics": dict(list(_metrics(task).items())[1:]),
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@network", "inferer": "@validate#inferer",
+                      "network": "@engine_network", "inferer": "@validate#inferer",
                       "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
                       "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
                       "amp": "@amp"},
@@ -258,6 +265,7 @@ def inference_config(task: Task) -> dict:
         "datalist": "$qtunet_bundle.load_datalist(@datalist_file, 'testing')",
         "network_def": _network_def(task, train=False),
         "network": "$@network_def.to(@device)",
+        **_compiled_network(),
         "preprocessing": {"_target_": "Compose",
                           "transforms": deterministic_transforms(task, with_label=False, pad=False)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
@@ -276,7 +284,7 @@ def inference_config(task: Task) -> dict:
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "network": "@engine_network", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
         "initialize": ["$monai.utils.set_determinism(seed=123)"],
         "run": ["$@evaluator.run()"],
@@ -553,7 +561,9 @@ epoch if the projections collapse. Several GPUs: `torchrun ... --config_file
 ## Variants and the thesis' ablations
 `--variant small` or `--variant base` (default `{task.variant}`); `--architecture {ablation}`
 for the ablations of the thesis. Give the same overrides to every command of a run. Memory:
-`--network_def#use_checkpoint True` trades compute for activation memory. ImageNet initialisation of
+`--network_def#use_checkpoint True` trades compute for activation memory. `--compile True` runs
+training, validation and inference through `torch.compile(network)` (default arguments: the first
+steps compile, then one recompilation per new input size; checkpoints are unchanged). ImageNet initialisation of
 the encoder, as the thesis did for Base: `--variant base --imagenet_init True --imagenet_checkpoint
 /path/to/swin_tiny_patch4_window7_224.pth` (a Swin-T file you supply, timm or official names;
 inflated to 3D, nothing is downloaded).
