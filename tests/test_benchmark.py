@@ -33,6 +33,10 @@ def test_run_benchmark_alternates_models_and_reports_ratios(small_scenarios):
             assert row["speedup_vs_swinunetr"] == pytest.approx(rows["swinunetr"]["seconds"] / row["seconds"])
         assert rows["qtunet-tiny"]["params_m"] == pytest.approx(6.65, rel=0.01)
         assert rows["qtunet-tiny"]["forward_gflops"] > 0
+        passes = 3 if scenario.startswith("train") else 1  # the FLOP count MFU uses, in the row
+        for row in rows.values():
+            assert row["mode"] == "eager" and row["kernels_per_step"] > 100 and row["copies_per_step"] >= 0
+            assert row["gflop_per_step"] == pytest.approx(2 * passes * row["forward_gflops"])
     assert result["scenarios"]["train64"]["qtunet-tiny"]["volumes_per_second"] > 0
     # timings alternate: within a repeat every model runs before any model runs again
     timed = [line.split()[-3].rstrip(":") for line in log if "repeat" in line and "infer64" in line]
@@ -46,7 +50,8 @@ def test_bench_writes_json_and_markdown(tmp_path, small_scenarios):
                     out_dir=str(tmp_path), tag="t")
     data = json.loads((tmp_path / "t.json").read_text())
     assert set(data["scenarios"]["infer64"]) == {"qtunet-tiny", "swinunetr"}
-    assert (tmp_path / "t.md").read_text().count("| qtunet-tiny |") == 1
+    table = (tmp_path / "t.md").read_text()
+    assert table.count("| qtunet-tiny |") == 1 and "aten ops/step" in table and "copy_/step" in table
 
 
 def test_unknown_names_are_rejected():
