@@ -68,10 +68,12 @@ def deterministic_transforms(task: Task, with_label: bool, pad: bool = True) -> 
 
 
 def _saver(task: Task, key: str) -> dict:
+    # written to a temporary name and renamed: a killed or concurrent writer never leaves a truncated file
     saver = {"_target_": "SaveImaged", "keys": key, "output_dir": "@output_dir", "output_postfix": "seg",
-             "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False}
+             "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False,
+             "writer": "qtunet_monai.bundle.AtomicNibabelWriter"}
     if task.spatial_dims == 2:
-        saver.update({"output_ext": ".png", "writer": "PILWriter", "scale": None})
+        saver.update({"output_ext": ".png", "writer": "qtunet_monai.bundle.AtomicPILWriter", "scale": None})
     return saver
 
 
@@ -111,6 +113,7 @@ def _common(task: Task) -> dict:
         "imports": list(IMPORTS),
         "bundle_root": ".",
         "ckpt_dir": "$@bundle_root + '/models'",
+        "ckpt_file": "$@ckpt_dir + '/model.pt'",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": "$@bundle_root + '/data'",
         "datalist_file": "$@dataset_dir + '/datalist.json'",
@@ -119,6 +122,7 @@ def _common(task: Task) -> dict:
         "in_channels": task.in_channels,
         "num_classes": task.num_classes,
         "roi_size": list(task.roi_size),
+        "intensity_limit": 1e6,
     }
     if task.pixdim:
         config["pixdim"] = list(task.pixdim)
@@ -170,7 +174,7 @@ def train_config(task: Task) -> dict:
     config["lr_scheduler"] = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
                               "T_max": "@max_epochs"}
     checked = ("$qtunet_bundle.check_cases(@{split}#datalist, @in_channels, label_values=@label_values, "
-               "check_values=@check_data, spatial_dims={dims})")
+               "check_values=@check_data, spatial_dims={dims}, intensity_limit=@intensity_limit)")
     loss_out = "$monai.handlers.from_engine(['loss'], first=True)"
     config["train"] = {
         "datalist": "$qtunet_bundle.load_datalist(@datalist_file, 'training')",
@@ -185,6 +189,7 @@ def train_config(task: Task) -> dict:
         "inferer": {"_target_": "SimpleInferer"},
         # multi_gpu_train.json drops the last three (logging) handlers on ranks > 0: keep them last
         "handlers": [
+            {"_target_": "qtunet_monai.bundle.StopOnNonFiniteLoss"},
             {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
              "interval": "@val_interval"},
             {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
@@ -213,8 +218,7 @@ def train_config(task: Task) -> dict:
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-            {"_target_": "qtunet_monai.bundle.BestModelSaver", "path": "$@ckpt_dir + '/model.pt'",
-             "network": "@network"},
+            {"_target_": "qtunet_monai.bundle.BestModelSaver", "path": "@ckpt_file", "network": "@network"},
         ],
         "key_metric": dict(list(_metrics(task).items())[:1]),
         "additional_metrics": dict(list(_metrics(task).items())[1:]),
@@ -226,9 +230,11 @@ def train_config(task: Task) -> dict:
     }
     config["resume_checkpoint"] = {"_target_": "qtunet_monai.bundle.ResumeCheckpoint",
                                    "path": "$@ckpt_dir + '/resume.pt'", "network": "@network",
-                                   "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume"}
+                                   "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
+                                   "evaluator": "@validate#evaluator"}
     config["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
+        "$qtunet_bundle.check_writable(@output_dir)",
         "$qtunet_bundle.load_imagenet_swin(@network, @imagenet_checkpoint) if @imagenet_init else None",
         "$qtunet_bundle.load_pretrained(@network, @finetune_checkpoint) if @finetune else None",
         "$@resume_checkpoint.attach(@train#trainer)",
@@ -247,16 +253,27 @@ def evaluate_config(task: Task) -> dict:
                                     "transforms": [pipeline.activation(task.sigmoid), invert,
                                                    *_save_label_map(task, True)]},
         "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
+            {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
              "map_location": "@device"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": metric_names,
              "metric_details": metric_names, "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
              "summary_ops": "*"},
         ],
-        "initialize": ["$setattr(torch.backends.cudnn, 'benchmark', True)"],
+        "validate#dataset#data": checked_for_prediction(task, "@validate#datalist", with_label=True),
+        "initialize": ["$setattr(torch.backends.cudnn, 'benchmark', True)", "$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@validate#evaluator.run()"],
     }
+
+
+def checked_for_prediction(task: Task, datalist: str, with_label: bool) -> str:
+    """The cases to predict, checked as training cases are (files, dimensions, channels, NaN/inf and extreme
+    intensities, truncated files) and refused when two would write the same prediction file; bad cases
+    stop the run, or with ``--skip_bad_cases True`` (inference) are left out and listed."""
+    labels = ", label_values=@label_values" if with_label else ""
+    skip = "" if with_label else ", skip_bad=@skip_bad_cases"
+    return (f"$qtunet_bundle.check_cases({datalist}, @in_channels{labels}, check_values=@check_data, "
+            f"spatial_dims={task.spatial_dims}, intensity_limit=@intensity_limit, unique_names=True{skip})")
 
 
 def inference_config(task: Task) -> dict:
@@ -268,7 +285,10 @@ def inference_config(task: Task) -> dict:
         **_compiled_network(),
         "preprocessing": {"_target_": "Compose",
                           "transforms": deterministic_transforms(task, with_label=False, pad=False)},
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "check_data": True,
+        "skip_bad_cases": False,
+        "dataset": {"_target_": "Dataset", "data": checked_for_prediction(task, "@datalist", with_label=False),
+                    "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": _sliding_window(task),
@@ -279,14 +299,14 @@ def inference_config(task: Task) -> dict:
             *_save_label_map(task, False),
         ]},
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
-             "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
+             "map_location": "@device"},
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@engine_network", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
-        "initialize": ["$monai.utils.set_determinism(seed=123)"],
+        "initialize": ["$monai.utils.set_determinism(seed=123)", "$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@evaluator.run()"],
     })
     return config
@@ -334,7 +354,7 @@ def pretrain_config(task: Task) -> dict:
     """Self-supervised pre-training of the encoder on the task's images (labels ignored), docs/architecture.md section 4."""
     recipe = task.pretrain
     config = _common(task)
-    for key in ("num_classes", "architecture"):
+    for key in ("num_classes", "architecture", "ckpt_file"):
         config.pop(key)
     config.update({
         "roi_size": list(recipe.roi_size),
@@ -371,13 +391,14 @@ def pretrain_config(task: Task) -> dict:
         ],
         "dataset": {"_target_": "CacheDataset",
                     "data": f"$qtunet_bundle.check_cases(@pretrain#datalist, @in_channels, check_values=@check_data, "
-                            f"spatial_dims={task.spatial_dims})",
+                            f"spatial_dims={task.spatial_dims}, intensity_limit=@intensity_limit)",
                     "transform": {"_target_": "Compose", "transforms": "@pretrain#transforms"},
                     "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@pretrain#dataset", "batch_size": "@batch_size",
                        "shuffle": True, "num_workers": "@num_workers", "drop_last": False},
         # multi_gpu_pretrain.json drops the last three (logging) handlers on ranks > 0: keep them last
         "handlers": [
+            {"_target_": "qtunet_monai.bundle.StopOnNonFiniteLoss"},
             {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
             {"_target_": "StatsHandler", "tag_name": "ssl", "output_transform": losses},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "ssl",
@@ -397,6 +418,7 @@ def pretrain_config(task: Task) -> dict:
                                    "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume"}
     config["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
+        "$qtunet_bundle.check_writable(@output_dir)",
         "$@resume_checkpoint.attach(@pretrain#trainer)",
         "$@collapse_monitor.attach(@pretrain#trainer)",
         "$@encoder_saver.attach(@pretrain#trainer)",
@@ -509,9 +531,14 @@ python -m qtunet_monai fake_data {task.data} /tmp/{fake_dir}
 python -m qtunet_monai prepare_data {task.data} /tmp/{fake_dir} --output_file data/datalist.json
 ```
 
-Every case is checked before training starts (`--check_data False` reads headers only): missing or
-unreadable files, wrong channel counts, image/label shape mismatches, NaN intensities and label values
-outside {list(task.label_values)} stop the run with a message naming the file.
+Every case is checked before training, evaluation and inference start (`--check_data False` reads
+headers only): missing, unreadable or truncated files, wrong channel counts or dimensions, image/label
+shape mismatches, NaN, infinite or extreme intensities (beyond `--intensity_limit`, 1e6), label values
+outside {list(task.label_values)} and two inputs whose predictions would get the same name stop the run
+with one line per problem naming the file; `--skip_bad_cases True` (inference) leaves bad cases out and
+lists them instead. A NaN or infinite loss stops training naming the iteration and the batch's files,
+and no checkpoint with non-finite weights is ever written. Set `QTUNET_MONAI_DEBUG=1` to see the full
+traceback behind such a message.
 
 ## Pipeline
 - Input: {task.in_channels} channel(s) ({", ".join(task.channels)}); {spacing}{intensity}.
@@ -545,6 +572,8 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
 ```
 
 Predict other files: `--datalist "[{{'image': '/path/to/case{'.png' if arch_2d else '.nii.gz'}'}}]"`.
+Another model: `--ckpt_dir /path/to/models` (its `model.pt`) or `--ckpt_file /path/to/model.pt`, for
+training (where the best model is written), evaluation and inference alike.
 
 ## Self-supervised pre-training (labels ignored)
 ```bash

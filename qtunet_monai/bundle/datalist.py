@@ -75,12 +75,17 @@ def _load(path: str) -> tuple[tuple[int, ...], np.ndarray]:
         image = nib.load(path)
         return tuple(image.shape), np.asanyarray(image.dataobj)
     except Exception as e:  # nibabel and Pillow raise several types for bad files
-        raise OSError(f"unreadable ({type(e).__name__}: {e})") from e
+        raise OSError(_unreadable(e)) from e
 
 
 # Larger magnitudes are not intensities of any scanner or camera; float32 statistics over such
 # values (NormalizeIntensity's standard deviation) overflow to inf and the loss becomes NaN.
 INTENSITY_LIMIT = 1e6
+
+
+def _unreadable(error: Exception) -> str:
+    """One line (nibabel's messages may span several), so that each problem stays one line naming its file."""
+    return f"unreadable ({type(error).__name__}: {' '.join(str(error).split())})"
 
 
 def check_cases(
@@ -252,4 +257,4 @@ def _header(path: str) -> tuple[tuple[int, ...], None]:
 
         return tuple(nib.load(path).shape), None
     except Exception as e:
-        raise OSError(f"unreadable ({type(e).__name__}: {e})") from e
+        raise OSError(_unreadable(e)) from e
