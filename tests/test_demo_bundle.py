@@ -89,6 +89,7 @@ def test_train_evaluate_infer_end_to_end(bundle, demo_data):
     assert "head.classifier.weight" in model  # a plain state dict, as MONAI's tools expect
     resume = torch.load(bundle / "models" / "resume.pt", weights_only=True)
     assert resume["epoch"] == 2 and {"model", "optimizer", "lr_scheduler"} <= set(resume)
+    assert resume["best_metric_epoch"] in (1, 2) and 0.0 <= resume["best_metric"] <= 1.0  # kept across a resume
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 
     _bundle_run(bundle, ["train.json", "evaluate.json"])
@@ -161,6 +162,9 @@ def test_killed_training_resumes_from_the_saved_epoch(bundle):
         ("two_channels", "2 image channel(s), but the network expects 1"),
         ("shape_mismatch", "does not match image shape"),
         ("not_nifti", "unreadable"),
+        ("two_d_image", "a 2-d image of shape"),
+        ("extreme_intensity", "intensities up to 3e+38 exceed the limit of 1e+06"),
+        ("inf_unchecked", "the loss became nan at iteration"),  # headers only: the loss guard stops it
     ],
 )
 def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, message):
@@ -169,7 +173,8 @@ def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, messa
     case = datalist["training"][0]
     image_path, label_path = bundle / "data" / case["image"], bundle / "data" / case["label"]
     image = nib.load(image_path)
-    bad = image_path if damage in ("nan_image", "two_channels", "not_nifti") else label_path
+    bad = label_path if damage in ("missing_label", "label_out_of_range", "shape_mismatch") else image_path
+    overrides = ["--check_data", "False"] if damage == "inf_unchecked" else []
     if damage == "empty":
         datalist["training"] = []
         datalist_file.write_text(json.dumps(datalist))
@@ -191,13 +196,92 @@ def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, messa
         nib.save(nib.Nifti1Image(label, image.affine), label_path)
     elif damage == "not_nifti":
         image_path.write_bytes(b"this is not an image")
-    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "1", check=False)
+    elif damage == "two_d_image":
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 20], image.affine), image_path)
+    elif damage in ("extreme_intensity", "inf_unchecked"):  # 3e38 is finite, but float32 statistics overflow
+        data = np.asarray(image.dataobj).astype(np.float32)
+        data[30, 30, 30] = 3e38 if damage == "extreme_intensity" else np.inf
+        nib.save(nib.Nifti1Image(data, image.affine), image_path)
+    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "1", *overrides, check=False)
     assert done.returncode != 0
-    log = done.stdout + done.stderr
-    assert message in log, log[-3000:]
+    last = done.stderr.strip().splitlines()[-1]  # the project's own message, not MONAI's wrapper
+    assert message in last and "Failed to evaluate" not in last, done.stderr[-3000:]
     if damage != "empty":
-        assert str(bad.resolve()) in log
-    assert not (bundle / "models" / "resume.pt").exists(), "training started despite bad data"
+        assert str(bad.resolve()) in last
+    assert "Traceback" not in done.stderr and "QTUNET_MONAI_DEBUG=1" in done.stderr
+    assert not (bundle / "models" / "resume.pt").exists(), "a checkpoint was written despite bad data"
+    assert not (bundle / "models" / "model.pt").exists()
+
+
+def _testing_list(bundle, images) -> str:
+    return "[" + ",".join(f"{{'image': '{image}'}}" for image in images) + "]"
+
+
+def _random_model(bundle, folder="models"):
+    from qtunet_monai import QTUNet
+
+    (bundle / folder).mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(QTUNet(1, 4).state_dict(), bundle / folder / "model.pt")
+
+
+def test_bad_inference_inputs_stop_before_inference_naming_each_file(bundle):
+    """NaN, a 2-D image, a truncated file and two inputs that would write one prediction name, at once."""
+    _random_model(bundle)
+    source = bundle / "data" / json.loads((bundle / "data" / "datalist.json").read_text())["testing"][0]["image"]
+    image = nib.load(source)
+    data = np.asarray(image.dataobj).astype(np.float32)
+    bad = bundle / "bad"
+    (bad / "a").mkdir(parents=True)
+    (bad / "b").mkdir()
+    nan = data.copy()
+    nan[30, 30, 30] = np.nan
+    nib.save(nib.Nifti1Image(nan, image.affine), bad / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(data[:, :, 20], image.affine), bad / "slice.nii.gz")
+    shutil.copy(source, bad / "truncated.nii.gz")
+    (bad / "truncated.nii.gz").write_bytes((bad / "truncated.nii.gz").read_bytes()[:5000])
+    shutil.copy(source, bad / "a" / "case.nii.gz")
+    shutil.copy(source, bad / "b" / "case.nii.gz")
+    files = [bad / n for n in ("nan.nii.gz", "slice.nii.gz", "truncated.nii.gz", "a/case.nii.gz", "b/case.nii.gz")]
+    done = _bundle_run(bundle, ["inference.json"], "--datalist", _testing_list(bundle, files), check=False)
+    assert done.returncode != 0
+    problems = [line.strip() for line in done.stderr.splitlines()[-4:]]
+    assert problems[0].startswith(f"{files[0]}: image contains NaN"), done.stderr[-3000:]
+    assert problems[1].startswith(f"{files[1]}: a 2-d image")
+    assert problems[2].startswith(f"{files[2]}: unreadable")
+    assert problems[3].startswith(f"{files[4]}: its prediction would overwrite that of {files[3]}")
+    assert not list((bundle / "eval").glob("*_seg.nii.gz")) if (bundle / "eval").exists() else True
+
+
+def test_inference_can_skip_bad_cases_and_honours_ckpt_dir(bundle):
+    _random_model(bundle, "elsewhere")  # not models/: inference must load --ckpt_dir's model.pt
+    source = bundle / "data" / json.loads((bundle / "data" / "datalist.json").read_text())["testing"][0]["image"]
+    image = nib.load(source)
+    nan = np.asarray(image.dataobj).astype(np.float32)
+    nan[30, 30, 30] = np.nan
+    nib.save(nib.Nifti1Image(nan, image.affine), bundle / "nan.nii.gz")
+    done = _bundle_run(bundle, ["inference.json"], "--datalist", _testing_list(bundle, [source, bundle / "nan.nii.gz"]),
+                       "--ckpt_dir", str(bundle / "elsewhere"), "--skip_bad_cases", "True")
+    assert f"{bundle / 'nan.nii.gz'}: image contains NaN" in done.stdout + done.stderr
+    written = sorted(p.name for p in (bundle / "eval").iterdir() if not p.name.startswith("events"))
+    assert written == [source.name.replace(".nii.gz", "_seg.nii.gz")]  # atomic writes leave no temporaries
+    assert nib.load(bundle / "eval" / written[0]).shape == image.shape
+
+
+@pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_a_pickled_payload_in_model_pt_is_refused(bundle, tmp_path, configs):
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (bundle / "models").mkdir()
+    torch.save({"model": Payload()}, bundle / "models" / "model.pt")
+    done = _bundle_run(bundle, configs, check=False)
+    assert done.returncode != 0
+    assert "Weights only load failed" in done.stderr or "weights-only" in done.stderr, done.stderr[-3000:]
+    assert not marker.exists(), "the checkpoint's code ran"
 
 
 def test_training_cases_are_skull_stripped_like_the_test_case(demo_data):
