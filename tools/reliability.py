@@ -71,7 +71,7 @@ def _command(configs: list[str], *overrides: str) -> list[str]:
 
 def _bundle_run(bundle: Path, configs: list[str], *overrides: str, timeout: float = 1200):
     return subprocess.run(_command(configs, *overrides), cwd=bundle, capture_output=True, text=True, timeout=timeout,
-                          env=_env())
+                          env=_env(), check=False)
 
 
 def _last_line(done) -> str:
@@ -329,7 +329,10 @@ def _kill_during_write(bundle: Path) -> Outcome:
     models = bundle / "models"
     proc = subprocess.Popen(_command(TRAIN, "--max_epochs", "3", "--val_interval", "10"), cwd=bundle, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    writing = lambda: models.is_dir() and any(p.name.startswith(".resume.pt.") for p in models.iterdir())  # noqa: E731
+
+    def writing() -> bool:
+        return models.is_dir() and any(p.name.startswith(".resume.pt.") for p in models.iterdir())
+
     caught = _poll(writing, 1200)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -345,7 +348,8 @@ def _kill_during_write(bundle: Path) -> Outcome:
 
 def _mount_tmpfs(folder: Path, options: str) -> str | None:
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True,
+                          check=False)
     return None if done.returncode == 0 else (done.stderr.strip() or "mount failed")
 
 
@@ -362,7 +366,7 @@ def _full_disk(bundle: Path) -> Outcome:
         outcome.ok = outcome.ok and not any(name.endswith(".tmp") for name in left)
         return outcome
     finally:
-        subprocess.run(["umount", str(folder)])
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 def _read_only(configs: list[str], key: str, needs_model: bool):
@@ -380,7 +384,7 @@ def _read_only(configs: list[str], key: str, needs_model: bool):
             outcome.verdict += f" after {time.time() - start:.0f} s (start-up)"
             return outcome
         finally:
-            subprocess.run(["umount", str(folder)])
+            subprocess.run(["umount", str(folder)], check=True)
 
     return run
 
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         try:
             outcome = case.run(bundle)
-        except Exception as e:  # a case that could not be run is reported, not hidden
+        except Exception as e:  # noqa: BLE001 (a case that could not be run is reported, not hidden)
             outcome = Outcome(-1, f"{type(e).__name__}: {e}".splitlines()[0], "could not run", False)
         print(f"{case.name}: {'ok' if outcome.ok else 'FAIL'} ({time.time() - start:.0f} s)", file=sys.stderr,
               flush=True)
