@@ -234,6 +234,9 @@ def test_validation_losses_on_held_out_cases_change_nothing():
         assert metrics[key] == pytest.approx(sum(o[key.removeprefix("val_")] for o in seen) / 3)
     assert metrics["val_loss"] == pytest.approx(sum(metrics[k] for k in metrics if k != "val_loss"))
     assert evaluator.state.best_metric == pytest.approx(metrics["val_loss"])  # the lowest is the best
+    empty = SSLEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(Dataset([], None)), network=model)
+    empty.run()  # nothing held out: skipped, no error
+    assert "val_loss" not in empty.state.metrics
 
 
 def test_finetune_initialisation_equals_the_pretrained_encoder(tmp_path):

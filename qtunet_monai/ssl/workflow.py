@@ -130,6 +130,13 @@ class SSLEvaluator(SupervisedEvaluator):
         super().__init__(*args, **kwargs)
         self.loss_function = loss_function
 
+    def run(self, global_epoch: int = 1) -> None:
+        """Validate, unless there are no held-out cases (a data list of one case keeps it for training)."""
+        if len(self.data_loader) == 0:
+            logger.info("no held-out pre-training cases: validation skipped.")
+            return
+        super().run(global_epoch)
+
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         batch = _batch(engine, batchdata)
         engine.network.eval()
