@@ -80,6 +80,8 @@ class Task:
         pretrain: the in-task self-supervised pre-training recipe (docs/architecture.md section 4).
         pretraining_only: a pre-training-only bundle (no labels, no train/evaluate/inference configs).
         generated_docs: write ``docs/README.md`` (the demo has hand-written docs).
+        eval_metrics: metadata ``eval_metrics``: a result measured with this package, left out while empty (the
+            thesis' figures are :attr:`thesis_result`, in the docs).
         summary: metadata ``description``.
         intended_use: metadata ``intended_use``.
         extra_packages: required packages beyond the common ones (metadata).
@@ -154,7 +156,7 @@ class Task:
 def _msd(key: str, number: int, *, intensity: Intensity, pixdim: tuple[float, ...] | None, crop_foreground: bool,
          crop: Crop, augment: list[dict], scores: tuple[float, ...], regions: tuple[tuple[int, ...], ...] | None = None,
          hd95: bool = False, cache_rate: float = 1.0, pretrain: Pretrain = CT_PRETRAIN,
-         docs_note: str = "") -> Task:
+         roi_size: tuple[int, ...] = (96, 96, 96), docs_note: str = "") -> Task:
     """An MSD task's bundle from the facts in :data:`qtunet_monai.data.msd.MSD_TASKS`.
 
     Args:
@@ -175,7 +177,7 @@ def _msd(key: str, number: int, *, intensity: Intensity, pixdim: tuple[float, ..
         classes=classes,
         label_values=tuple(range(msd.num_classes)),
         intensity=intensity,
-        roi_size=(96, 96, 96),
+        roi_size=roi_size,
         pixdim=pixdim,
         crop_foreground=crop_foreground,
         crop=crop,
@@ -223,7 +225,8 @@ for _task in [
         hd95=True,
         cache_rate=0.0,
         eval_split="testing",
-        pretrain=Pretrain(8, 4, 350, (96, 96, 96)),
+        # in-task pre-training on the regular training crops (thesis 3.5.1: "identical to those used for regular training")
+        pretrain=Pretrain(8, 4, 350, (128, 128, 128)),
         data_source="RSNA-ASNR-MICCAI Brain Tumor Segmentation (BraTS) Challenge 2021, task 1 training data (1,251 cases)",
         references=(THESIS, ("Baid U. et al. The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
                     "Radiogenomic Classification. arXiv:2107.02314"),
@@ -268,9 +271,11 @@ for _task in [
             "(abdomen); extract it so that `RawData/Training/img` and `RawData/Training/label` exist."
         ),
     ),
+    # Task 1 crops 128^3 "identical to BraTS" (thesis 3.2.1 and the footnote of 5.2.1) and is pre-trained as BraTS
     _msd("brain", 1, intensity=NonzeroNorm(), pixdim=(1.0, 1.0, 1.0), crop_foreground=True, crop=SpatialCrop(),
-         augment=flips(0.5) + scale(0.1) + shift(0.1), regions=_MSD_BRAIN_REGIONS, hd95=True,
-         scores=(77.37, 77.79, 77.81, 77.41, 77.68, 77.86), cache_rate=0.0, pretrain=Pretrain(8, 4, 350, (96, 96, 96))),
+         augment=flips(0.5) + scale(0.1) + shift(0.1), regions=_MSD_BRAIN_REGIONS, hd95=True, roi_size=(128, 128, 128),
+         scores=(77.37, 77.79, 77.81, 77.41, 77.68, 77.86), cache_rate=0.0,
+         pretrain=Pretrain(8, 4, 350, (128, 128, 128))),
     _msd("heart", 2, intensity=NonzeroNorm(), pixdim=(1.0, 1.0, 1.0), crop_foreground=True, crop=PosNegCrop(2, 1),
          augment=flips(0.5) + rot90(0.1) + scale(0.2) + shift(0.5), scores=(85.57, 85.81, 86.52, 85.02, 85.40, 86.70),
          pretrain=Pretrain(32, 2, 350, (96, 96, 96))),

@@ -113,21 +113,59 @@ def test_train_evaluate_infer_end_to_end(bundle, demo_data):
     assert (bundle / "eval" / "demo_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# --device cpu: gloo on the CPU, so that two processes also run on a machine with one GPU
 def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-          "--max_epochs", "1", "--val_interval", "1"], bundle)
+          "--max_epochs", "1", "--val_interval", "1", "--device", "cpu"], bundle)
     assert torch.load(bundle / "models" / "resume.pt", weights_only=True)["epoch"] == 1
     assert (bundle / "models" / "model.pt").is_file()
 
 
 def test_pretrain_config_runs_under_torchrun_with_gloo(bundle):
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-          "-m", "monai.bundle", "run", "--config_file", "['configs/pretrain.json','configs/multi_gpu_pretrain.json']",
-          "--max_epochs", "1", "--roi_size", "[32,32,32]", "--batch_size", "1", "--accumulation_steps", "1"], bundle)
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+                 "-m", "monai.bundle", "run", "--config_file",
+                 "['configs/pretrain.json','configs/multi_gpu_pretrain.json']", "--max_epochs", "1",
+                 "--roi_size", "[32,32,32]", "--batch_size", "1", "--accumulation_steps", "1", "--device", "cpu"],
+                bundle)
     assert torch.load(bundle / "models" / "pretrain_resume.pt", weights_only=True)["epoch"] == 1
     encoder = torch.load(bundle / "models" / "pretrained.pt", weights_only=True)
     assert "bottleneck_norm.weight" in encoder
+    # one of the two training images is held out: its losses are logged (rank 0)
+    log = done.stdout + done.stderr
+    assert "val_loss_reconstruction" in log and "val_loss_byol" in log
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_pick_their_gpu_by_local_rank(bundle, tmp_path):
+    """Two torchrun agents, --nnodes 2 with node ranks 0 and 1 and one process each, on 127.0.0.1 with gloo
+    on the CPU: both ranks train one epoch, and each resolves its GPU as cuda:<LOCAL_RANK> = cuda:0 (by the
+    global rank, the second node would ask for cuda:1)."""
+    probe = tmp_path / "probe.json"
+    # after training, each process prints its global and local rank, its resolved GPU and device, its epochs
+    report = ("$print('PROBE', dist.get_rank(), qtunet_bundle.local_rank(), @gpu_device, @device, "
+              "@train#trainer.state.epoch, flush=True)")
+    probe.write_text(json.dumps({"run": ["$@train#trainer.run()", report]}))
+    configs = f"['configs/train.json','configs/multi_gpu_train.json','{probe}']"
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "monai.bundle", "run", "--config_file", configs,
+         "--max_epochs", "1", "--val_interval", "2", "--device", "cpu"],  # validation: the test above
+        cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for node in (0, 1)]
+    outputs = [agent.communicate(timeout=900)[0] for agent in agents]
+    for node, (agent, out) in enumerate(zip(agents, outputs)):
+        assert agent.returncode == 0, f"node {node} failed:\n{out[-4000:]}"
+        assert f"PROBE {node} 0 cuda:0 cpu 1" in out, out[-2000:]  # rank, local rank, GPU, device, epochs
+    assert torch.load(bundle / "models" / "resume.pt", weights_only=True)["epoch"] == 1
 
 
 def test_killed_training_resumes_from_the_saved_epoch(bundle):

@@ -82,6 +82,42 @@ def test_generated_configs_follow_the_thesis_recipe():
     assert (scale["a_min"], scale["a_max"], btcv["pixdim"]) == (-175.0, 250.0, [1.5, 1.5, 2.0])
 
 
+def test_generated_configs_fix_issue_13():
+    """Crops as the thesis, GPUs by LOCAL_RANK, Swin's no-decay groups, held-out pre-training losses and no
+    metadata number that reads like a result."""
+    rendered = {name: render_bundle(task) for name, task in TASKS.items()}
+
+    def config(bundle: str, rel: str) -> dict:
+        return json.loads(rendered[bundle][rel])
+
+    # MSD Task 1 crops 128^3 like BraTS (thesis 3.2.1, footnote of 5.2.1); BraTS and Task 1 pre-train at 128^3
+    assert config("qtunet_msd_brain_segmentation", "configs/train.json")["roi_size"] == [128, 128, 128]
+    for bundle in ("qtunet_brats21_segmentation", "qtunet_msd_brain_segmentation"):
+        assert config(bundle, "configs/pretrain.json")["roi_size"] == [128, 128, 128]
+    for bundle, files in rendered.items():
+        task = TASKS[bundle]
+        for rel in [r for r in files if r.endswith(".json")]:
+            text = files[rel]
+            assert "get_rank()}" not in text and "'cuda:0'" not in text, (bundle, rel)  # no global-rank GPU
+        pretrain = config(bundle, "configs/pretrain.json")
+        assert pretrain["gpu_device"] == "$qtunet_bundle.local_gpu()" and "@gpu_device" in pretrain["device"]
+        assert pretrain["optimizer"]["params"] == "$qtunet_bundle.param_groups(@network, @weight_decay)"
+        assert pretrain["validate"]["evaluator"]["_target_"] == "qtunet_monai.ssl.SSLEvaluator"
+        assert {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+                "interval": "@val_interval"} in pretrain["pretrain"]["handlers"]
+        overlay = config(bundle, "configs/multi_gpu_pretrain.json")
+        assert "device" not in overlay and "$qtunet_bundle.init_distributed(@device)" in overlay["initialize"]
+        assert overlay["validate#sampler"]["even_divisible"]  # every rank computes the all-reduced mean
+        meta = config(bundle, "configs/metadata.json")
+        assert meta.get("eval_metrics") == (task.eval_metrics or None), bundle
+        if task.pretraining_only:
+            continue
+        train = config(bundle, "configs/train.json")
+        assert train["optimizer"]["params"] == "$qtunet_bundle.param_groups(@network, @weight_decay)"
+        assert "device" not in config(bundle, "configs/multi_gpu_train.json")
+    assert config("qtunet_demo_brain_tissue_segmentation", "configs/metadata.json")["eval_metrics"] == {"mean_dice": 0.8}
+
+
 def _overrides(task) -> dict:
     """Tiny crops and one short epoch; the fake volumes stay small at the task's spacing."""
     over = {"roi_size": [64, 64] if task.spatial_dims == 2 else [32, 32, 32], "num_workers": 0}

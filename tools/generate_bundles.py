@@ -108,6 +108,10 @@ def _sliding_window(task: Task) -> dict:
 IMPORTS = ["$import qtunet_monai.bundle as qtunet_bundle", "$import qtunet_monai.ssl as qtunet_ssl"]
 
 
+# weight decay on weight matrices and kernels only: none on relative-position bias tables, norms and biases (Swin)
+PARAM_GROUPS = "$qtunet_bundle.param_groups(@network, @weight_decay)"
+
+
 def _common(task: Task) -> dict:
     config = {
         "imports": list(IMPORTS),
@@ -117,8 +121,10 @@ def _common(task: Task) -> dict:
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": "$@bundle_root + '/data'",
         "datalist_file": "$@dataset_dir + '/datalist.json'",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "amp": "$torch.cuda.is_available()",
+        # this process's GPU on its node (torchrun's LOCAL_RANK; 0 for one process); --device cpu forces the CPU
+        "gpu_device": "$qtunet_bundle.local_gpu()",
+        "device": "$qtunet_bundle.process_device(@gpu_device if torch.cuda.is_available() else 'cpu')",
+        "amp": "$torch.device(@device).type == 'cuda'",
         "in_channels": task.in_channels,
         "num_classes": task.num_classes,
         "roi_size": list(task.roi_size),
@@ -169,7 +175,7 @@ def train_config(task: Task) -> dict:
         **_compiled_network(),
     })
     config["loss"] = pipeline.loss(task.sigmoid, task.void)
-    config["optimizer"] = {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate",
+    config["optimizer"] = {"_target_": "torch.optim.Adam", "params": PARAM_GROUPS, "lr": "@learning_rate",
                            "weight_decay": "@weight_decay"}
     config["lr_scheduler"] = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
                               "T_max": "@max_epochs"}
@@ -312,14 +318,15 @@ def inference_config(task: Task) -> dict:
     return config
 
 
-def _distributed_overlay(config: dict, section: str, rank0_saves: list[str]) -> dict:
+def _distributed_overlay(config: dict, section: str, rank0_saves: list[str], even_validation: bool = False) -> dict:
     """The torchrun overlay for a single-process ``config`` whose trainer is ``<section>#trainer``:
     DDP, distributed samplers, logging and checkpoint writing on rank 0 only, and the config's own
-    ``initialize`` after joining the process group (NCCL on GPU, gloo on CPU)."""
+    ``initialize`` after joining the process group (NCCL on GPU, gloo on CPU). Each process keeps the
+    common config's device, ``cuda:<LOCAL_RANK>``, so that every node uses its own GPUs.
+    ``even_validation`` pads the validation shards to equal size (for metrics every rank must compute)."""
     overlay = {
-        "device": "$torch.device(f'cuda:{dist.get_rank()}') if torch.cuda.is_available() else torch.device('cpu')",
         "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
-                    "device_ids": "$[@device] if torch.cuda.is_available() else None"},
+                    "device_ids": "$[@device] if torch.device(@device).type == 'cuda' else None"},
         f"{section}#sampler": {"_target_": "DistributedSampler", "dataset": f"@{section}#dataset",
                                "even_divisible": True, "shuffle": True},
         f"{section}#dataloader#sampler": f"@{section}#sampler",
@@ -330,15 +337,15 @@ def _distributed_overlay(config: dict, section: str, rank0_saves: list[str]) -> 
     if "validate" in config:
         overlay.update({
             "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
-                                 "even_divisible": False, "shuffle": False},
+                                 "even_divisible": even_validation, "shuffle": False},
             "validate#dataloader#sampler": "@validate#sampler",
             "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
         })
     overlay.update({f"{key}#save": "$dist.get_rank() == 0" for key in rank0_saves})
     overlay["initialize"] = [
         "$import torch.distributed as dist",
-        "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
-        "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+        # NCCL for a GPU, gloo for the CPU (--device cpu); the GPU is cuda:<LOCAL_RANK> (common config)
+        "$qtunet_bundle.init_distributed(@device)",
         *config["initialize"],
     ]
     overlay["run"] = config["run"]
@@ -366,6 +373,11 @@ def pretrain_config(task: Task) -> dict:
         "accumulation_steps": recipe.accumulation_steps,
         "base_momentum": 0.996,
         "collapse_threshold": 0.1,
+        # held-out cases for validation losses: this fraction of the training images, at most this many
+        # (the thesis kept 100 of its 3,597 CT-SSL scans)
+        "val_fraction": 0.1,
+        "val_max_cases": 100,
+        "val_interval": 1,
         "num_workers": task.num_workers,
         "cache_rate": task.cache_rate,
         "check_data": True,
@@ -375,15 +387,18 @@ def pretrain_config(task: Task) -> dict:
                         "roi_size": "@roi_size", "spatial_dims": task.spatial_dims, "variant": "@variant",
                         "merge_depth": True},
         "network": "$@network_def.to(@device)",
-        "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate",
+        "optimizer": {"_target_": "torch.optim.Adam", "params": PARAM_GROUPS, "lr": "@learning_rate",
                       "weight_decay": "@weight_decay"},
         "lr_scheduler": {"_target_": "monai.optimizers.WarmupCosineSchedule", "optimizer": "@optimizer",
                          "warmup_steps": "@warmup_epochs", "t_total": "@max_epochs"},
     })
     losses = "$lambda out: {k: out[k] for k in ('loss', 'loss_reconstruction', 'loss_rotation', 'loss_byol', 'collapse')}"
     config["pretrain"] = {
-        # labels ignored; only the training cases' images, so validation images stay unseen
-        "datalist": "$[{'image': c['image']} for c in qtunet_bundle.load_datalist(@datalist_file, 'training')]",
+        # labels ignored; only the training cases' images, so the task's validation images stay unseen; of
+        # those, a fixed subset is held out for the pre-training validation losses
+        "cases": "$qtunet_ssl.split_validation([{'image': c['image']} for c in "
+                 "qtunet_bundle.load_datalist(@datalist_file, 'training')], @val_max_cases, @val_fraction)",
+        "datalist": "$@pretrain#cases[0]",
         "transforms": [
             *deterministic_transforms(task, with_label=False),
             {"_target_": "RandSpatialCropd", "keys": "image", "roi_size": "@roi_size", "random_size": False},
@@ -399,6 +414,8 @@ def pretrain_config(task: Task) -> dict:
         # multi_gpu_pretrain.json drops the last three (logging) handlers on ranks > 0: keep them last
         "handlers": [
             {"_target_": "qtunet_monai.bundle.StopOnNonFiniteLoss"},
+            {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+             "interval": "@val_interval"},
             {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
             {"_target_": "StatsHandler", "tag_name": "ssl", "output_transform": losses},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "ssl",
@@ -409,6 +426,24 @@ def pretrain_config(task: Task) -> dict:
                     "train_data_loader": "@pretrain#dataloader", "network": "@network", "optimizer": "@optimizer",
                     "accumulation_steps": "@accumulation_steps", "base_momentum": "@base_momentum",
                     "train_handlers": "@pretrain#handlers", "amp": "@amp"},
+    }
+    config["validate"] = {
+        "datalist": "$@pretrain#cases[1]",
+        "dataset": {"_target_": "CacheDataset",
+                    "data": f"$qtunet_bundle.check_cases(@validate#datalist, @in_channels, check_values=@check_data, "
+                            f"spatial_dims={task.spatial_dims})",
+                    "transform": {"_target_": "Compose", "transforms": "@pretrain#transforms"},
+                    "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": "@batch_size",
+                       "shuffle": False, "num_workers": "@num_workers"},
+        "handlers": [
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
+        ],
+        # val_loss (the best is the lowest) and each head's loss, averaged over the held-out cases
+        "evaluator": {"_target_": "qtunet_monai.ssl.SSLEvaluator", "device": "@device",
+                      "val_data_loader": "@validate#dataloader", "network": "@network",
+                      "val_handlers": "@validate#handlers", "amp": "@amp"},
     }
     config["collapse_monitor"] = {"_target_": "qtunet_monai.ssl.CollapseMonitor", "threshold": "@collapse_threshold"}
     config["encoder_saver"] = {"_target_": "qtunet_monai.ssl.EncoderSaver", "path": "@encoder_file",
@@ -428,7 +463,9 @@ def pretrain_config(task: Task) -> dict:
 
 
 def multi_gpu_pretrain_config(task: Task) -> dict:
-    return _distributed_overlay(pretrain_config(task), "pretrain", ["resume_checkpoint", "encoder_saver"])
+    # every rank validates at least one case: the mean losses are all-reduced, a rank without cases would hang
+    return _distributed_overlay(pretrain_config(task), "pretrain", ["resume_checkpoint", "encoder_saver"],
+                                even_validation=True)
 
 
 def metadata(task: Task) -> dict:
@@ -464,7 +501,8 @@ def metadata(task: Task) -> dict:
         "label_classes": label,
         "pred_classes": f"{task.num_classes} channels ({activation}): " + ", ".join(
             f"{i} {c}" for i, c in enumerate(task.classes)),
-        "eval_metrics": task.eval_metrics or {"mean_dice": 0.0},
+        # only a result measured with this package (the demo); the thesis' figures are in docs/README.md
+        "eval_metrics": dict(task.eval_metrics),
         "intended_use": task.intended_use,
         "references": list(task.references),
         "network_data_format": {
@@ -481,9 +519,11 @@ def metadata(task: Task) -> dict:
     if task.pretraining_only:  # the product is an encoder; the network's output is the reconstruction
         meta["network_data_format"]["outputs"]["pred"].update(
             {"format": image_format, "num_channels": task.in_channels, "value_range": [], "channel_def": channel_names})
-        meta.update({"label_classes": "none: self-supervised", "eval_metrics": {"loss": 0.0},
+        meta.update({"label_classes": "none: self-supervised",
                      "pred_classes": "reconstruction of the input (pre-training head); the product is the encoder "
                                      "in models/pretrained.pt"})
+    if not meta["eval_metrics"]:  # nothing measured yet: no number that reads like a result
+        del meta["eval_metrics"]
     return meta
 
 
@@ -543,7 +583,8 @@ traceback behind such a message.
 ## Pipeline
 - Input: {task.in_channels} channel(s) ({", ".join(task.channels)}); {spacing}{intensity}.
 - Training: {crop} of {roi}, batch {task.batch_size}, {task.max_epochs} epochs, Adam (lr {task.learning_rate},
-  weight decay {task.weight_decay}), cosine annealing, drop path {task.drop_path_rate}, Dice loss.
+  weight decay {task.weight_decay}, not on relative-position bias tables, norms and biases), cosine annealing,
+  drop path {task.drop_path_rate}, Dice loss.
 - Output: {outputs}.
 - Validation every {task.val_interval} epochs: sliding window {roi}, overlap {pipeline.SW_OVERLAP}, {pipeline.SW_MODE} blending;
   {metrics}; the best model is saved as `models/model.pt`.
@@ -558,7 +599,8 @@ python -m monai.bundle run --config_file configs/train.json
 python -m monai.bundle run --config_file configs/train.json --resume True
 # initialise from a (pre-training) checkpoint; loaded, missing and unexpected keys are reported
 python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint /path/to/checkpoint.pt
-# several GPUs (NCCL; gloo on CPU)
+# several GPUs (NCCL; gloo on CPU); each process uses cuda:<LOCAL_RANK> of its node, so the same command
+# runs on every node of a multi-node job (--nnodes N --node_rank i --master_addr ...); --device cpu: gloo on CPU
 torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
     --config_file "['configs/train.json','configs/multi_gpu_train.json']"
 # evaluate models/model.pt on the '{task.eval_split}' split: per-case metrics and predictions in eval/
@@ -582,8 +624,11 @@ python -m monai.bundle run --config_file configs/train.json --finetune True --fi
 ```
 `configs/pretrain.json` pre-trains the encoder on this task's images (reconstruction of cut-out
 views, rotation classes, BYOL; {task.pretrain.describe()}). The BYOL target moves
-once per optimiser step; each loss and a collapse signal go to TensorBoard, and a warning names the
-epoch if the projections collapse. Several GPUs: `torchrun ... --config_file
+once per optimiser step. A fixed tenth of the training images (at most 100, `val_fraction`,
+`val_max_cases`) is held out: their losses are logged every `val_interval` epochs as `val_loss*`.
+Each loss and a collapse signal go to TensorBoard, and a warning names the epoch if the projections
+collapse or if the reconstruction and rotation losses jump while the BYOL loss stays low (the collapse
+the thesis saw). Several GPUs: `torchrun ... --config_file
 "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"`. Out-of-task pre-training:
 `bundles/qtunet_ctssl_pretraining` (CT) and `bundles/qtunet_mrissl_pretraining` (MRI).
 
@@ -633,7 +678,9 @@ crop, each an independent draw of a 0/90/180/270 degree rotation in the axial pl
 cut-out boxes. Heads: reconstruction (transposed convolution, L1 against the un-masked view),
 rotation (MLP with BatchNorm and ReLU, cross-entropy), BYOL (projector, predictor, EMA target,
 symmetrised cosine loss); the loss is their unweighted sum. {task.pretrain.describe()} (per GPU; the
-thesis used 2).
+thesis used 2). A fixed tenth of the volumes, at most 100 (`val_fraction`, `val_max_cases`; the thesis
+held out 100 of its 3,597 CT-SSL scans), is held out; their losses are logged every `val_interval`
+epochs (`val_loss`, `val_loss_reconstruction`, `val_loss_rotation`, `val_loss_byol`).
 
 ## Commands
 ```bash
@@ -648,8 +695,11 @@ python -m monai.bundle run --config_file configs/train.json --finetune True --fi
 `models/pretrained.pt` holds the online encoder under QT-UNet's parameter names and is rewritten
 atomically after every epoch; fine-tuning reports loaded, missing (the decoder) and unexpected keys
 and refuses mismatched shapes. TensorBoard (`eval/`) gets each loss and the collapse signal (the
-spread of the normalised projections, about 1 when healthy); below `collapse_threshold` a warning
-names the epoch. The thesis' Base model collapsed on CT-SSL unnoticed; this is what catches it.
+spread of the normalised projections, about 1 when healthy). A warning names the epoch when the
+spread falls below `collapse_threshold`, and when the epoch's reconstruction and rotation losses
+jump (twice their lowest earlier value) while the BYOL loss stays low: what the thesis' Base model
+did on CT-SSL, unnoticed until later. Several nodes: every process uses `cuda:<LOCAL_RANK>` of its
+own node; `--device cpu` runs the processes on the CPU with gloo.
 
 ## Result to compare with
 {task.thesis_result}
