@@ -229,6 +229,23 @@ def test_read_only_folder_is_refused_at_start_up(read_only_folder):
         check_writable(read_only_folder)
 
 
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                             check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a 1 MiB tmpfs is not permitted here: {mounted.stderr.decode().strip()}")
+    try:
+        atomic_save({"a": torch.ones(10)}, folder / "resume.pt")
+        with pytest.raises(OutputError, match=r"resume.pt: could not be written \(.* MiB free on its disk"):
+            atomic_save({"a": torch.zeros(10**6)}, folder / "resume.pt")  # 4 MB
+        assert torch.equal(torch.load(folder / "resume.pt", weights_only=True)["a"], torch.ones(10))
+        assert [p.name for p in folder.iterdir()] == ["resume.pt"]
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 def test_unusable_checkpoint_folder_is_refused_before_training(tmp_path):
     (tmp_path / "models").write_text("a file where the folder should be")
     network = torch.nn.Linear(1, 1)

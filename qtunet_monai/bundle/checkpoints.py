@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +28,7 @@ __all__ = ["atomic_save", "ResumeCheckpoint", "BestModelSaver", "StopOnNonFinite
            "non_finite_tensors", "prepare_folder", "load_failure"]
 
 logger = logging.getLogger(__name__)
+_ZIP_WRITE_FAILURES = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -47,6 +50,14 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         replace_atomically(tmp, path)
     except OSError as e:
         raise OutputError(f"{path}: could not be written ({e.strerror or e}); the previous file is kept.") from e
+    except RuntimeError as e:
+        if not _ZIP_WRITE_FAILURES.search(str(e)):
+            raise
+        # torch's zip writer reports a short write (a full disk) as "enforce fail at inline_container.cc"
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise OutputError(f"{path}: could not be written ({free / 2**20:.1f} MiB free on its disk; "
+                          f"torch: {' '.join(str(e).split())[:120]}); the previous file is kept.") from e
     finally:
         tmp.unlink(missing_ok=True)
 
