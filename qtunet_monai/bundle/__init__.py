@@ -9,6 +9,7 @@ that a data or checkpoint error ends the run with its own one-line message rathe
 """
 
 from ..networks.imagenet import load_imagenet_swin
+from .architectures import BASELINES, build_network
 from .checkpoints import (
     BestModelSaver,
     ResumeCheckpoint,
@@ -21,10 +22,21 @@ from .datalist import check_cases, load_datalist
 from .distributed import DeviceError, init_distributed, local_gpu, local_rank, process_device
 from .errors import CheckpointError, DataError, NonFiniteError, OutputError, ReportedError, install_excepthook
 from .files import AtomicNibabelWriter, AtomicPILWriter, check_writable, clean_stale_temporaries
+from .folds import load_fold, write_folds
+from .inference import FlipTTAInferer, FoldEnsemble, InferenceTimer
+from .onnx_export import export_onnx
 from .optim import no_weight_decay_names, param_groups
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
+    "BASELINES",
+    "build_network",
+    "load_fold",
+    "write_folds",
+    "FlipTTAInferer",
+    "FoldEnsemble",
+    "InferenceTimer",
+    "export_onnx",
     "BestModelSaver",
     "ResumeCheckpoint",
     "StopOnNonFiniteLoss",

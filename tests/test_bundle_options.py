@@ -1,0 +1,193 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""The bundles' training and inference options (issue 15): flip TTA, fold ensembles, cross-validation
+folds, baseline architectures, per-case inference time and ONNX export."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.inferers import SimpleInferer
+from torch import nn
+
+from qtunet_monai.bundle.architectures import BASELINES, DivisiblePadNet, build_network, nnunet_kernels_strides
+from qtunet_monai.bundle.datalist import DataError
+from qtunet_monai.bundle.folds import fold_assignment, load_fold, write_folds
+from qtunet_monai.bundle.inference import FlipTTAInferer, FoldEnsemble, InferenceTimer, probabilities
+
+
+class _FlipEquivariant(nn.Module):
+    """Convolutions whose kernels are symmetric under every axis flip, zero padding and pointwise
+    non-linearities: flipping the input flips the output, by construction."""
+
+    def __init__(self, dims: int = 3, classes: int = 3) -> None:
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.layers = nn.Sequential(conv(1, 4, 3, padding=1), nn.GELU(), conv(4, classes, 3, padding=1))
+        with torch.no_grad():
+            for layer in self.layers[::2]:
+                axes = range(2, 2 + dims)
+                flips = [c for n in range(dims + 1) for c in itertools.combinations(axes, n)]
+                layer.weight.copy_(sum(torch.flip(layer.weight, list(f)) for f in flips) / len(flips))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_flip_tta_of_a_flip_equivariant_network_equals_the_plain_prediction(sigmoid):
+    torch.manual_seed(0)
+    net = _FlipEquivariant().eval()
+    x = MetaTensor(torch.randn(2, 1, 9, 8, 7), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    with torch.no_grad():
+        plain = probabilities(net(x.as_subclass(torch.Tensor)), sigmoid)
+        tta = FlipTTAInferer(SimpleInferer(), sigmoid=sigmoid)(x, net)
+    torch.testing.assert_close(probabilities(tta, sigmoid).as_subclass(torch.Tensor), plain, atol=1e-5, rtol=1e-5)
+    assert isinstance(tta, MetaTensor) and torch.equal(tta.affine, x.affine)  # Invertd still finds the geometry
+
+
+def test_flip_tta_averages_eight_mirrored_predictions():
+    """A network that is not flip-equivariant: TTA is the mean of the 8 flipped-back probabilities."""
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(1, 1, 6, 5, 4)
+    with torch.no_grad():
+        expected = sum(torch.flip(torch.softmax(net(torch.flip(x, f)), 1), f)
+                       for n in range(4) for f in itertools.combinations((2, 3, 4), n)) / 8
+        got = torch.softmax(FlipTTAInferer(SimpleInferer())(x, net), 1)
+        plain = torch.softmax(net(x), 1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_fold_ensemble_averages_the_members_probabilities(tmp_path):
+    torch.manual_seed(0)
+    template = nn.Conv3d(1, 3, 1)
+    members = [nn.Conv3d(1, 3, 1) for _ in range(3)]
+    paths = []
+    for k, m in enumerate(members):
+        paths.append(str(tmp_path / f"fold{k}" / "model.pt"))
+        (tmp_path / f"fold{k}").mkdir()
+        torch.save(m.state_dict(), paths[-1])
+    ensemble = FoldEnsemble(template, paths)
+    x = torch.randn(2, 1, 4, 4, 4)
+    with torch.no_grad():
+        expected = sum(torch.softmax(m(x), 1) for m in members) / 3
+        torch.testing.assert_close(torch.softmax(ensemble(x), 1), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="fold3"):
+        FoldEnsemble(template, paths + [str(tmp_path / "fold3" / "model.pt")])
+
+
+def _datalist(tmp_path, n=13):
+    path = tmp_path / "datalist.json"
+    cases = [{"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"} for i in range(n)]
+    path.write_text(json.dumps({"training": cases, "validation": cases[:2], "testing": [{"image": "t.nii.gz"}]}))
+    return path
+
+
+def test_folds_are_disjoint_cover_the_training_set_and_are_reproducible(tmp_path):
+    path = _datalist(tmp_path)
+    folds = [load_fold(str(path), "validation", k, 5, seed=7) for k in range(5)]
+    held_out = [c["image"] for fold in folds for c in fold]
+    every = [str(tmp_path / c["image"]) for c in json.loads(path.read_text())["training"]]
+    assert sorted(held_out) == sorted(every) and len(set(held_out)) == len(every)  # disjoint, covering
+    assert sorted(len(f) for f in folds) == [2, 2, 3, 3, 3]
+    for k in range(5):  # each fold trains on exactly the others
+        train = {c["image"] for c in load_fold(str(path), "training", k, 5, seed=7)}
+        assert train == set(every) - {c["image"] for c in folds[k]}
+    written = json.loads(path.read_text())
+    assert (written["num_folds"], written["fold_seed"]) == (5, 7)
+    assert [c["fold"] for c in written["training"]] == fold_assignment(13, 5, 7)  # the seed alone decides
+    assert fold_assignment(13, 5, 7) != fold_assignment(13, 5, 8)
+    assert load_fold(str(path), "testing", 2, 5, seed=7)[0]["image"].endswith("t.nii.gz")
+    assert len(load_fold(str(path), "validation", -1)) == 2  # no fold: the data list's own split
+    with pytest.raises(DataError, match="split into 5 folds with seed 7"):
+        write_folds(str(path), 5, seed=8)
+    with pytest.raises(ValueError, match="fold 5 does not exist"):
+        load_fold(str(path), "training", 5, 5, seed=7)
+
+
+def test_inference_timer_writes_a_time_per_case(tmp_path):
+    from monai.handlers import MetricsSaver
+
+    data = [{"image": MetaTensor(torch.randn(1, 1, 8, 8, 8), meta={"filename_or_obj": f"case{i}.nii.gz"})}
+            for i in range(3)]
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=data, network=nn.Conv3d(1, 2, 1),
+                                    val_handlers=[InferenceTimer(),
+                                                  MetricsSaver(str(tmp_path), metrics="*", metric_details="*",
+                                                               batch_transform=lambda batch: [item["image"].meta for item in batch])])
+    evaluator.run()
+    rows = (tmp_path / "inference_time_raw.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
+    assert all(0.0 < float(r.split(",")[1]) < 10.0 for r in rows[1:])
+    assert evaluator.state.metrics["inference_time"] > 0
+
+
+def test_nnunet_kernels_and_strides_follow_the_roi_and_spacing():
+    kernels, strides = nnunet_kernels_strides([56, 56, 56], [2.0, 2.0, 2.0])
+    assert strides == [[1, 1, 1]] + [[2, 2, 2]] * 3 and kernels == [[3, 3, 3]] * 4  # 56 -> 28 -> 14 -> 7
+    kernels, strides = nnunet_kernels_strides([128, 128, 32], [0.5, 0.5, 3.0])  # thick slices: in-plane first
+    assert strides[1] == [2, 2, 1] and kernels[0] == [3, 3, 1]
+
+
+def test_divisible_pad_net_crops_back_to_the_input_size():
+    net = DivisiblePadNet(nn.Conv3d(1, 2, 1), 32)
+    assert net(torch.randn(1, 1, 56, 33, 32)).shape == (1, 2, 56, 33, 32)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_take_the_demo_roi(name):
+    """Every baseline at the demo's 56^3 ROI (not divisible by 32 or 16), output of the input's shape."""
+    torch.manual_seed(0)
+    net = build_network(name, 1, 4, [56, 56, 56], pixdim=[2.0, 2.0, 2.0], drop_path_rate=0.2).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 56, 56, 56)).shape == (1, 4, 56, 56, 56)
+
+
+def test_build_network_keeps_the_thesis_architectures_and_refuses_unknown_ones():
+    from qtunet_monai import QTUNet
+
+    assert isinstance(build_network("VT-UNet", 1, 4, [32, 32, 32]), QTUNet)
+    with pytest.raises(ValueError, match="unknown architecture 'nnFormer'"):
+        build_network("nnFormer", 1, 4, [32, 32, 32])
+    with pytest.raises(ValueError, match="SegResNet has no deep-supervision heads"):
+        build_network("SegResNet", 1, 4, [32, 32, 32], deep_supervision=True)
+    net = build_network("DynUNet", 1, 4, [32, 32, 32], deep_supervision=True).train()
+    outputs = net(torch.randn(1, 1, 32, 32, 32))
+    assert isinstance(outputs, list) and len(outputs) >= 2 and all(o.shape == (1, 4, 32, 32, 32) for o in outputs)
+
+
+def test_onnx_export_with_a_dynamic_spatial_size_equals_pytorch_at_two_sizes(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from qtunet_monai.bundle.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = build_network("DynUNet", 1, 3, [16, 16, 16])  # 16 -> 8 -> 4: two levels, a quick export
+    report = export_onnx(net.network, str(tmp_path / "model.onnx"), [1, 1, 16, 16, 16],
+                         check_shapes=[[2, 1, 24, 16, 32]])
+    assert report["dynamic_spatial_size"] and len(report["max_abs_difference"]) == 2
+    assert max(report["max_abs_difference"].values()) <= 1e-4
+    assert json.loads((tmp_path / "model.json").read_text()) == report
+
+
+def test_qtunet_onnx_export_is_fixed_size_and_equals_pytorch(tmp_path):
+    """QT-UNet's window geometry is computed from Python integers, so its graph is valid at one size:
+    exported at the ROI and refused a dynamic export (see qtunet_monai.bundle.onnx_export)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from qtunet_monai import QTUNet
+    from qtunet_monai.bundle.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = QTUNet(1, 3, spatial_dims=2, feature_size=12)
+    with pytest.raises(ValueError, match="cannot be exported with a dynamic spatial size"):
+        export_onnx(net, str(tmp_path / "dynamic.onnx"), [1, 1, 56, 56], dynamic=True)
+    for size in (56, 28):  # two sizes, one fixed-size model each
+        report = export_onnx(net, str(tmp_path / f"model{size}.onnx"), [1, 1, size, size])
+        assert not report["dynamic_spatial_size"] and max(report["max_abs_difference"].values()) <= 1e-4
+    assert all(m.fused_attention for m in net.modules() if hasattr(m, "fused_attention"))  # restored
