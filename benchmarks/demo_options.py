@@ -3,8 +3,9 @@
 and seed, all through the bundle's own configs and command-line switches.
 
     python -m qtunet_monai prepare_demo
-    python benchmarks/demo_options.py                      # every arm, one after the other
-    python benchmarks/demo_options.py --arms default,tta   # some arms (results of others are kept)
+    python benchmarks/demo_options.py run                      # every arm, one after the other
+    python benchmarks/demo_options.py run --arms default,tta   # some arms (results of others are kept)
+    python benchmarks/demo_options.py table                    # the README's table from the results
 
 Arms: ``default`` (the thesis' recipe), ``deep_supervision`` (retrained), ``tta`` and ``keep_largest``
 (inference options on the default arm's model, no retraining), ``swinunetr`` and ``segresnet``
@@ -103,5 +104,26 @@ def main(arms: str | tuple = tuple(ARMS), max_epochs: int = 30, work_dir: str = 
               + f"; train {arm.get('train_s', '-')} s, inference {arm['inference_s']} s", flush=True)
 
 
+LABELS = {"default": "QT-UNet-T, the thesis' recipe (default)", "deep_supervision": "`--deep_supervision True`",
+          "tta": "`--tta True` (default model)", "keep_largest": "`--keep_largest True` (default model)",
+          "swinunetr": "`--architecture SwinUNETR`", "segresnet": "`--architecture SegResNet`"}
+
+
+def table(results: str = str(REPO / "benchmarks" / "results" / "demo_options.json")) -> str:
+    """The Markdown table of the demo bundle's README from the results file; arms not run say so."""
+    data = json.loads(Path(results).read_text()) if Path(results).is_file() else {"arms": {}}
+    lines = ["| arm | CSF | grey matter | white matter | mean Dice | training | inference |", "|---|---|---|---|---|---|---|"]
+    for name in ARMS:
+        arm = data["arms"].get(name)
+        if arm is None:
+            lines.append(f"| {LABELS[name]} | not run | | | | | |")
+            continue
+        dice = arm["dice"]
+        train = f"{arm['train_s'] / 60:.1f} min" if "train_s" in arm else f"(model of `{arm['model_of']}`)"
+        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{dice[k]:.3f}" for k in ("CSF", "grey matter",
+                     "white matter", "mean")) + f" | {train} | {arm['inference_s']:.0f} s |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"run": main, "table": table})

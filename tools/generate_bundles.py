@@ -77,17 +77,25 @@ def _saver(task: Task, key: str) -> dict:
     return saver
 
 
+def _keep_largest(task: Task) -> dict:
+    """Largest connected component per class (``--keep_largest True``; classes ``@keep_largest_labels``):
+    on the label map of a softmax task, on each thresholded channel of a sigmoid one."""
+    return {"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": "@keep_largest_labels",
+            "is_onehot": task.sigmoid, "independent": True, "_disabled_": "$not @keep_largest"}
+
+
 def _save_label_map(task: Task, with_label: bool) -> list[dict]:
     """From the (inverted) probabilities: a label map written to disk; with a label, keep one-hot for the metrics."""
     if task.sigmoid:
         regions = [list(r) for r in task.regions]
         return [
             {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5},
+            _keep_largest(task),
             {"_target_": "CopyItemsd", "keys": "pred", "names": "seg"},
             {"_target_": "qtunet_monai.bundle.RegionsToLabelsd", "keys": "seg", "regions": regions},
             _saver(task, "seg"),
         ]
-    steps = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, _saver(task, "pred")]
+    steps = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, _keep_largest(task), _saver(task, "pred")]
     if with_label:
         steps.append({"_target_": "AsDiscreted", "keys": ["pred", "label"], "to_onehot": "@num_classes"})
         if task.void:
@@ -100,7 +108,28 @@ def _metrics(task: Task) -> dict:
 
 
 def _sliding_window(task: Task) -> dict:
-    return pipeline.sliding_window(4 if task.spatial_dims == 3 else 2)
+    return {**pipeline.sliding_window(4 if task.spatial_dims == 3 else 2), "mode": "@sw_mode"}
+
+
+def _tta(task: Task, inferer: str) -> str:
+    """The evaluator's inferer: ``inferer`` itself, or wrapped in flip TTA with ``--tta True``."""
+    return f"$qtunet_bundle.FlipTTAInferer({inferer}, sigmoid={task.sigmoid}) if @tta else {inferer}"
+
+
+def _options(task: Task) -> dict:
+    """The inference and cross-validation switches of train.json and inference.json (thesis recipe: all off)."""
+    foreground = list(range(task.num_classes)) if task.sigmoid else list(range(1, task.num_classes))
+    return {
+        "tta": False,
+        "sw_mode": pipeline.SW_MODE,
+        "keep_largest": False,
+        "keep_largest_labels": foreground,
+        "fold": -1,
+        "num_folds": 5,
+        "fold_seed": 0,
+        "model_dir": "$@ckpt_dir if @fold < 0 else @ckpt_dir + '/fold' + str(@fold)",
+        "ckpt_file": "$@model_dir + '/model.pt'",
+    }
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -138,8 +167,11 @@ def _common(task: Task) -> dict:
 
 
 def _network_def(task: Task, train: bool) -> dict:
-    net = {"_target_": "qtunet_monai.networks.build_architecture", "name": "@architecture",
-           "in_channels": "@in_channels", "out_channels": "@num_classes", "variant": "@variant"}
+    net = {"_target_": "qtunet_monai.bundle.build_network", "name": "@architecture",
+           "in_channels": "@in_channels", "out_channels": "@num_classes", "roi_size": "@roi_size",
+           "variant": "@variant"}
+    if task.pixdim:
+        net["pixdim"] = "@pixdim"
     if train:
         net["drop_path_rate"] = task.drop_path_rate
     net["use_checkpoint"] = False
@@ -173,6 +205,7 @@ def train_config(task: Task) -> dict:
         "network_def": _network_def(task, train=True),
         "network": "$@network_def.to(@device)",
         **_compiled_network(),
+        **_options(task),
     })
     config["loss"] = pipeline.loss(task.sigmoid, task.void)
     config["optimizer"] = {"_target_": "torch.optim.Adam", "params": PARAM_GROUPS, "lr": "@learning_rate",
@@ -183,7 +216,7 @@ def train_config(task: Task) -> dict:
                "check_values=@check_data, spatial_dims={dims}, intensity_limit=@intensity_limit)")
     loss_out = "$monai.handlers.from_engine(['loss'], first=True)"
     config["train"] = {
-        "datalist": "$qtunet_bundle.load_datalist(@datalist_file, 'training')",
+        "datalist": "$qtunet_bundle.load_fold(@datalist_file, 'training', @fold, @num_folds, @fold_seed)",
         "deterministic_transforms": deterministic_transforms(task, with_label=True),
         "random_transforms": pipeline.random_transforms(task.crop, task.augment),
         "preprocessing": {"_target_": "Compose",
@@ -211,7 +244,7 @@ def train_config(task: Task) -> dict:
     }
     config["validate"] = {
         "split": "validation",
-        "datalist": "$qtunet_bundle.load_datalist(@datalist_file, @validate#split)",
+        "datalist": "$qtunet_bundle.load_fold(@datalist_file, @validate#split, @fold, @num_folds, @fold_seed)",
         "preprocessing": {"_target_": "Compose", "transforms": "%train#deterministic_transforms"},
         "dataset": {"_target_": "CacheDataset", "data": checked.format(split="validate", dims=task.spatial_dims),
                     "transform": "@validate#preprocessing", "cache_rate": "@cache_rate",
@@ -229,13 +262,13 @@ def train_config(task: Task) -> dict:
         "key_metric": dict(list(_metrics(task).items())[:1]),
         "additional_metrics": dict(list(_metrics(task).items())[1:]),
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@engine_network", "inferer": "@validate#inferer",
+                      "network": "@engine_network", "inferer": _tta(task, "@validate#inferer"),
                       "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
                       "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
                       "amp": "@amp"},
     }
     config["resume_checkpoint"] = {"_target_": "qtunet_monai.bundle.ResumeCheckpoint",
-                                   "path": "$@ckpt_dir + '/resume.pt'", "network": "@network",
+                                   "path": "$@model_dir + '/resume.pt'", "network": "@network",
                                    "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
                                    "evaluator": "@validate#evaluator"}
     config["initialize"] = [
@@ -252,7 +285,7 @@ def train_config(task: Task) -> dict:
 def evaluate_config(task: Task) -> dict:
     invert = {"_target_": "Invertd", "keys": ["pred", "label"], "transform": "@validate#preprocessing",
               "orig_keys": "image", "nearest_interp": [False, True], "to_tensor": True}
-    metric_names = list(_metrics(task))
+    metric_names = [*_metrics(task), "inference_time"]
     return {
         "validate#split": task.eval_split,
         "validate#postprocessing": {"_target_": "Compose",
@@ -262,6 +295,8 @@ def evaluate_config(task: Task) -> dict:
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
              "map_location": "@device"},
             {"_target_": "StatsHandler", "iteration_log": False},
+            # before the MetricsSaver, which writes its per-case times (inference_time_raw.csv)
+            {"_target_": "qtunet_monai.bundle.InferenceTimer", "name": "inference_time"},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": metric_names,
              "metric_details": metric_names, "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
              "summary_ops": "*"},
@@ -289,6 +324,7 @@ def inference_config(task: Task) -> dict:
         "network_def": _network_def(task, train=False),
         "network": "$@network_def.to(@device)",
         **_compiled_network(),
+        **_options(task),
         "preprocessing": {"_target_": "Compose",
                           "transforms": deterministic_transforms(task, with_label=False, pad=False)},
         "check_data": True,
@@ -310,12 +346,32 @@ def inference_config(task: Task) -> dict:
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@engine_network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "network": "@engine_network", "inferer": _tta(task, "@inferer"),
+                      "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
         "initialize": ["$monai.utils.set_determinism(seed=123)", "$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@evaluator.run()"],
     })
     return config
+
+
+def ensemble_config(task: Task) -> dict:
+    """Overlay of inference.json: predict with the mean probability of the ``@num_folds`` fold models
+    (``models/fold<k>/model.pt``, trained with ``--fold k``)."""
+    checkpoints = "[@ckpt_dir + f'/fold{k}/model.pt' for k in range(@num_folds)]"
+    return {
+        "network": f"$qtunet_bundle.FoldEnsemble(@network_def, {checkpoints}, sigmoid={task.sigmoid}).to(@device)",
+        "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],  # the members load their own weights
+    }
+
+
+def export_onnx_config(task: Task) -> dict:
+    """Overlay of inference.json: ``models/model.onnx`` from ``models/model.pt``, checked with onnxruntime."""
+    return {
+        "onnx_file": "$@model_dir + '/model.onnx'",
+        "run": [("$qtunet_bundle.export_onnx(@network_def, @onnx_file, [1, @in_channels, *@roi_size], "
+                 "ckpt_file=@ckpt_file)")],
+    }
 
 
 def _distributed_overlay(config: dict, section: str, rank0_saves: list[str], even_validation: bool = False) -> dict:
@@ -642,6 +698,28 @@ the encoder, as the thesis did for Base: `--variant base --imagenet_init True --
 /path/to/swin_tiny_patch4_window7_224.pth` (a Swin-T file you supply, timm or official names;
 inflated to 3D, nothing is downloaded).
 
+## Baselines, inference options and cross-validation
+Off by default (the thesis' recipe); each is one switch, given to every command of a run.
+
+| override | effect |
+|---|---|
+| `--architecture SwinUNETR` (`UNETR`, `SegResNet`, `DynUNet`) | MONAI's network in this same pipeline (data, loss, schedule, metrics unchanged): SwinUNETR feature size 48, UNETR feature size 16, SegResNet 16 filters, DynUNet with nnU-Net's kernels and strides for the ROI and spacing; inputs zero-padded inside the network to the size it needs (SwinUNETR and UNETR need `pip install "qtunet_monai[baselines]"`) |
+| `--tta True` | mean probability over all {2 ** task.spatial_dims} flips of the {task.spatial_dims} spatial axes (validation, evaluation, inference) |
+| `--keep_largest True` | keep the largest connected component of each {"region channel" if task.sigmoid else "class"} in `--keep_largest_labels "{_options(task)["keep_largest_labels"]}"` in the saved prediction, scored so by evaluation (MONAI's `KeepLargestConnectedComponentd`; on CPU it needs `pip install "qtunet_monai[postprocessing]"`) |
+| `--sw_mode gaussian` | Gaussian instead of constant blending of the sliding windows |
+| `--fold k --num_folds 5 --fold_seed 0` | train on the other folds of the data list's `training` cases and validate on fold k; the split is written into `data/datalist.json` (a `fold` per case), models go to `models/fold<k>/` |
+
+```bash
+# after training every fold: predict with the mean probability of the fold models
+python -m monai.bundle run --config_file "['configs/inference.json','configs/inference_ensemble.json']" --num_folds 5
+# ONNX (pip install "qtunet_monai[onnx]"): models/model.onnx, checked against PyTorch with onnxruntime
+python -m monai.bundle run --config_file "['configs/inference.json','configs/export_onnx.json']"
+```
+The ONNX model of QT-UNet has the fixed ROI size (its window geometry is computed from the feature
+map's integer size, which the exporter freezes); the sliding window feeds it ROI-sized patches, so it
+still predicts images of any size. `configs/evaluate.json` also writes each case's inference time
+(`eval/inference_time_raw.csv`).
+
 ## GPU memory and time
 Not measured by us: no GPU was available where this bundle was written. The thesis trained on NVIDIA
 A100 GPUs. `python -m qtunet_monai bench --device cuda` measures speed and memory of the variants
@@ -740,6 +818,8 @@ def render_bundle(task: Task) -> dict[str, str]:
             "configs/train.json": _prune_imports(train, evaluate, multi_gpu),
             "configs/evaluate.json": evaluate,
             "configs/inference.json": _prune_imports(inference_config(task)),
+            "configs/inference_ensemble.json": ensemble_config(task),
+            "configs/export_onnx.json": export_onnx_config(task),
             "configs/multi_gpu_train.json": multi_gpu,
         })
     pretrain, multi_gpu_pretrain = pretrain_config(task), multi_gpu_pretrain_config(task)

@@ -11,8 +11,9 @@ with the thesis' comparison settings:
 - ``DynUNet``: nnU-Net's rule for kernels and strides from the ROI and the voxel spacing.
 
 Baselines that need inputs divisible by their total downsampling (SwinUNETR by 32, UNETR by 16,
-SegResNet by 8) are wrapped in :class:`DivisiblePadNet`, so they run at any ROI of the bundle (the
-demo's 56 included) without changing the data pipeline.
+SegResNet by 8; SwinUNETR also to at least 64, where its instance-normalised bottleneck has two voxels
+per axis) are wrapped in :class:`DivisiblePadNet`, so they run at any ROI of the bundle (the demo's 56
+included) without changing the data pipeline.
 """
 
 from __future__ import annotations
@@ -40,22 +41,24 @@ _QTUNET_ONLY = ("drop_path_rate", "num_stages", "patch_size", "fused_attention")
 
 
 class DivisiblePadNet(nn.Module):
-    """Run ``network`` on its input zero-padded (at the end of each axis) to a multiple of ``k`` and
-    crop the output back to the input's size.
+    """Run ``network`` on its input zero-padded (at the end of each axis) to a multiple of ``k``, at
+    least ``min_size``, and crop the output back to the input's size.
 
     Args:
         network: a dense-prediction network whose input must be divisible by ``k``.
         k: the divisor.
+        min_size: the smallest size per axis (e.g. 2 * k where instance norm must see 2 voxels at 1 / k).
     """
 
-    def __init__(self, network: nn.Module, k: int) -> None:
+    def __init__(self, network: nn.Module, k: int, min_size: int = 0) -> None:
         super().__init__()
         self.network = network
         self.k = k
+        self.min_size = min_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[2:]
-        pads = [p for s in reversed(size) for p in (0, (-s) % self.k)]
+        pads = [p for s in reversed(size) for p in (0, max(s + (-s) % self.k, self.min_size) - s)]
         out = self.network(F.pad(x, pads) if any(pads) else x)
         crop = (slice(None), slice(None), *(slice(0, s) for s in size))
         return [o[crop] for o in out] if isinstance(out, (list, tuple)) else out[crop]
@@ -140,7 +143,8 @@ def build_network(
     dims = len(roi_size)
     if name == "SwinUNETR":
         net = SwinUNETR(in_channels, out_channels, feature_size=48, use_checkpoint=use_checkpoint, spatial_dims=dims)
-        return DivisiblePadNet(net, 32)
+        # its bottleneck (1/32) is instance-normalised: at least 2 voxels there in training
+        return DivisiblePadNet(net, 32, min_size=64)
     if name == "UNETR":
         padded = [math.ceil(s / 16) * 16 for s in roi_size]  # the patch grid's size is fixed at construction
         net = UNETR(in_channels, out_channels, img_size=padded, feature_size=16, hidden_size=768, mlp_dim=3072,

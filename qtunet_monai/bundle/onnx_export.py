@@ -55,6 +55,12 @@ class _UnfusedAttention:
             m.fused_attention = True
 
 
+def _clear_window_cache() -> None:
+    from ..networks.blocks.windows import _cached_geometry
+
+    _cached_geometry.cache_clear()
+
+
 def check_onnx(onnx_file: str, network: nn.Module, shapes: Sequence[Sequence[int]], seed: int = 0) -> dict[str, float]:
     """Largest absolute difference between onnxruntime's and PyTorch's output at each input shape."""
     import onnxruntime
@@ -119,9 +125,12 @@ def export_onnx(
     example = torch.randn(*input_shape)
     spatial = {axis: torch.export.Dim.DYNAMIC for axis in range(2, len(input_shape))}
     with _UnfusedAttention(network), torch.no_grad():
+        _clear_window_cache()
+        network(example)  # QT-UNet: window geometry cached as real tensors, which the export keeps as constants
         program = torch.onnx.export(network, (example,), dynamo=True, input_names=["image"], output_names=["pred"],
                                     dynamic_shapes=({0: torch.export.Dim.DYNAMIC, **spatial},) if dynamic else None,
                                     verbose=False)
+    _clear_window_cache()  # the export's fake tensors must not stay in the cache
     path = Path(filepath)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
