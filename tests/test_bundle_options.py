@@ -235,10 +235,9 @@ def test_keep_largest_removes_a_planted_island():
     assert torch.equal(only_csf({"pred": label.clone()})["pred"], label)
 
 
-@pytest.fixture
-def spleen_bundle(tmp_path, monkeypatch):
-    """A copy of the MSD spleen bundle with 5 fake training cases in its data list."""
-    task = next(t for t in TASKS.values() if t.data == "msd_spleen")
+def _task_bundle(data: str, tmp_path, monkeypatch) -> Path:
+    """A copy of a task bundle with fake data in its data list, as the working directory."""
+    task = next(t for t in TASKS.values() if t.data == data)
     bundle = tmp_path / task.bundle
     shutil.copytree(REPO / "bundles" / task.bundle, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
     fake_data(task.data, str(tmp_path / "raw"))
@@ -247,20 +246,34 @@ def spleen_bundle(tmp_path, monkeypatch):
     return bundle
 
 
+@pytest.fixture
+def spleen_bundle(tmp_path, monkeypatch):
+    """The MSD spleen bundle with 4 fake training cases and 1 validation case."""
+    return _task_bundle("msd_spleen", tmp_path, monkeypatch)
+
+
+# SwinUNETR (padded to 64^3 at least) and UNETR (ViT-B) are heavy on a CPU in 3D: they run on the 2D CityScapes
+# bundle (void class, 2D transforms), the CNN baselines on a 3D one.
+BASELINE_TASKS = {"SwinUNETR": "cityscapes", "UNETR": "cityscapes", "SegResNet": "msd_spleen",
+                  "DynUNet": "msd_spleen"}
+
+
 @pytest.mark.parametrize("name", BASELINES)
-def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, spleen_bundle):
+def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, tmp_path, monkeypatch):
     """--architecture X changes the network only: train one epoch, evaluate and infer with the same configs,
-    at an ROI (24) that SwinUNETR and UNETR only take padded."""
-    over = {"roi_size": [24, 24, 24], "num_workers": 0, "architecture": name}
+    at an ROI that SwinUNETR and UNETR (and SegResNet in 3D) only take padded."""
+    bundle = _task_bundle(BASELINE_TASKS[name], tmp_path, monkeypatch)
+    dims = 2 if BASELINE_TASKS[name] == "cityscapes" else 3
+    over = {"roi_size": [48] * dims if dims == 2 else [20] * dims, "num_workers": 0, "architecture": name}
     run(config_file="configs/train.json", max_epochs=1, val_interval=1, **over)
     state = torch.load("models/model.pt", weights_only=True)
     assert all(k.startswith("network.") for k in state)  # the MONAI network inside its padding wrapper
     run(config_file=["configs/train.json", "configs/evaluate.json"], **over)
-    times = (spleen_bundle / "eval" / "inference_time_raw.csv").read_text().splitlines()
-    assert len(times) == 1 + len(json.loads((spleen_bundle / "data" / "datalist.json").read_text())["validation"])
+    times = (bundle / "eval" / "inference_time_raw.csv").read_text().splitlines()
+    assert len(times) == 1 + len(json.loads((bundle / "data" / "datalist.json").read_text())["validation"])
     shutil.rmtree("eval")
     run(config_file="configs/inference.json", **{k: v for k, v in over.items() if k != "num_workers"})
-    assert len(list((spleen_bundle / "eval").glob("*_seg.nii.gz"))) == 1
+    assert len(list((bundle / "eval").glob("*_seg.*"))) == 1
 
 
 def test_folds_tta_keep_largest_and_the_fold_ensemble_through_the_bundle_configs(spleen_bundle):
@@ -279,3 +292,36 @@ def test_folds_tta_keep_largest_and_the_fold_ensemble_through_the_bundle_configs
     run(config_file=["configs/inference.json", "configs/inference_ensemble.json"], tta=True, keep_largest=True,
         **inference)
     assert len(list((spleen_bundle / "eval").glob("*_seg.nii.gz"))) == 1
+
+
+def test_deep_supervision_loss_equals_the_plain_loss_when_the_auxiliary_weights_are_zero():
+    """--deep_supervision True: MONAI's DeepSupervisionLoss over QT-UNet's outputs, weights halving, labels
+    shrunk nearest-exact; with the auxiliary weights at zero it is the plain loss of the main output."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    parser = _parsed(DEMO / "configs" / "train.json", deep_supervision=True)
+    net, loss, plain = (parser.get_parsed_content(k) for k in ("network_def", "training_loss", "loss"))
+    x = torch.randn(1, 1, 56, 56, 56)
+    label = torch.randint(0, 4, (1, 1, 56, 56, 56)).float()
+    outputs = net.train()(x)
+    assert isinstance(outputs, list) and len(outputs) == 3 and outputs[0].shape == (1, 4, 56, 56, 56)
+    assert loss.get_weights(len(outputs)) == [1.0, 0.5, 0.25]
+    with torch.no_grad():
+        loss.weights = [1.0, 0.0, 0.0]
+        torch.testing.assert_close(loss(outputs, label), plain(outputs[0], label))
+        loss.weights = None
+        expected = sum(w * plain(o, F.interpolate(label, size=o.shape[2:], mode="nearest-exact"))
+                       for w, o in zip([1.0, 0.5, 0.25], outputs))
+        torch.testing.assert_close(loss(outputs, label), expected)
+        assert net.eval()(x).shape == (1, 4, 56, 56, 56)  # inference: the main output only
+    default = _parsed(DEMO / "configs" / "train.json")
+    assert default.get_parsed_content("training_loss") is default.get_parsed_content("loss")  # the thesis' loss
+
+
+def test_num_stages_and_patch_size_are_bundle_overrides():
+    parser = _parsed(DEMO / "configs" / "inference.json", num_stages=4, patch_size=2)
+    net = parser.get_parsed_content("network_def")
+    assert (net.num_stages, net.patch_size) == (4, 2)
+    with pytest.raises(ValueError, match="SegResNet has no QT-UNet"):
+        build_network("SegResNet", 1, 4, [56, 56, 56], num_stages=4, patch_size=4)

@@ -69,7 +69,8 @@ def test_generated_configs_follow_the_thesis_recipe():
         assert train["learning_rate"] == 4e-5 and train["network_def"]["drop_path_rate"] == 0.2
         assert (train["batch_size"], train["max_epochs"]) == ((4, 150) if task.spatial_dims == 2 else (1, 350))
         assert train["weight_decay"] == (0.001 if task.spatial_dims == 2 else 0.0)
-        assert train["validate"]["inferer"]["overlap"] == 0.5 and train["validate"]["inferer"]["mode"] == "constant"
+        assert train["validate"]["inferer"]["overlap"] == 0.5 and train["validate"]["inferer"]["mode"] == "@sw_mode"
+        assert train["sw_mode"] == "constant"
         loss = train["loss"]
         assert loss.get("sigmoid", False) == (task.data in ("brats21", "msd_brain"))
         metrics = set(train["validate"]["key_metric"]) | set(train["validate"]["additional_metrics"])

@@ -120,6 +120,9 @@ def _options(task: Task) -> dict:
     """The inference and cross-validation switches of train.json and inference.json (thesis recipe: all off)."""
     foreground = list(range(task.num_classes)) if task.sigmoid else list(range(1, task.num_classes))
     return {
+        "num_stages": 3,
+        "patch_size": 4,
+        "deep_supervision": False,
         "tta": False,
         "sw_mode": pipeline.SW_MODE,
         "keep_largest": False,
@@ -172,6 +175,9 @@ def _network_def(task: Task, train: bool) -> dict:
            "variant": "@variant"}
     if task.pixdim:
         net["pixdim"] = "@pixdim"
+    # the auxiliary heads exist in inference too, so that a deep-supervised checkpoint loads (eval mode
+    # returns the main output only)
+    net.update({"num_stages": "@num_stages", "patch_size": "@patch_size", "deep_supervision": "@deep_supervision"})
     if train:
         net["drop_path_rate"] = task.drop_path_rate
     net["use_checkpoint"] = False
@@ -208,6 +214,9 @@ def train_config(task: Task) -> dict:
         **_options(task),
     })
     config["loss"] = pipeline.loss(task.sigmoid, task.void)
+    # nnU-Net's weights 1, 1/2, 1/4, ... over the outputs, finest first; MONAI shrinks the labels to each
+    # output's size (nearest-exact, so label values and regions stay labels)
+    config["training_loss"] = "$monai.losses.DeepSupervisionLoss(@loss, weight_mode='exp') if @deep_supervision else @loss"
     config["optimizer"] = {"_target_": "torch.optim.Adam", "params": PARAM_GROUPS, "lr": "@learning_rate",
                            "weight_decay": "@weight_decay"}
     config["lr_scheduler"] = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
@@ -238,7 +247,8 @@ def train_config(task: Task) -> dict:
             {"_target_": "ignite.handlers.ProgressBar", "persist": False},
         ],
         "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                    "train_data_loader": "@train#dataloader", "network": "@engine_network", "loss_function": "@loss",
+                    "train_data_loader": "@train#dataloader", "network": "@engine_network",
+                    "loss_function": "@training_loss",
                     "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
                     "amp": "@amp"},
     }
@@ -706,6 +716,8 @@ Off by default (the thesis' recipe); each is one switch, given to every command 
 | `--architecture SwinUNETR` (`UNETR`, `SegResNet`, `DynUNet`) | MONAI's network in this same pipeline (data, loss, schedule, metrics unchanged): SwinUNETR feature size 48, UNETR feature size 16, SegResNet 16 filters, DynUNet with nnU-Net's kernels and strides for the ROI and spacing; inputs zero-padded inside the network to the size it needs (SwinUNETR and UNETR need `pip install "qtunet_monai[baselines]"`) |
 | `--tta True` | mean probability over all {2 ** task.spatial_dims} flips of the {task.spatial_dims} spatial axes (validation, evaluation, inference) |
 | `--keep_largest True` | keep the largest connected component of each {"region channel" if task.sigmoid else "class"} in `--keep_largest_labels "{_options(task)["keep_largest_labels"]}"` in the saved prediction, scored so by evaluation (MONAI's `KeepLargestConnectedComponentd`; on CPU it needs `pip install "qtunet_monai[postprocessing]"`) |
+| `--deep_supervision True` | auxiliary heads on the decoder stages (QT-UNet family, DynUNet), trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ... finest first, labels shrunk nearest-exact); inference output and `ckpt_export` unchanged |
+| `--num_stages 4`, `--patch_size 2` | a fourth encoder/decoder stage, a 2-voxel patch partition (QT-UNet family; the thesis' section 6.2.1) |
 | `--sw_mode gaussian` | Gaussian instead of constant blending of the sliding windows |
 | `--fold k --num_folds 5 --fold_seed 0` | train on the other folds of the data list's `training` cases and validate on fold k; the split is written into `data/datalist.json` (a `fold` per case), models go to `models/fold<k>/` |
 

@@ -18,7 +18,6 @@ included) without changing the data pipeline.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -31,13 +30,11 @@ from ..networks import ARCHITECTURES, build_architecture
 
 __all__ = ["BASELINES", "DivisiblePadNet", "build_network", "nnunet_kernels_strides"]
 
-logger = logging.getLogger(__name__)
-
 #: MONAI networks the bundles can train instead of QT-UNet (``--architecture``).
 BASELINES = ("SwinUNETR", "UNETR", "SegResNet", "DynUNet")
 
-# QT-UNet's own settings; the baselines have none of them.
-_QTUNET_ONLY = ("drop_path_rate", "num_stages", "patch_size", "fused_attention")
+# QT-UNet's own settings and their values in the thesis; the baselines have none of them.
+_QTUNET_ONLY = {"drop_path_rate": None, "num_stages": 3, "patch_size": 4, "fused_attention": None}
 
 
 class DivisiblePadNet(nn.Module):
@@ -121,7 +118,8 @@ def build_network(
             SwinUNETR, UNETR and SegResNet have none and refuse it.
         use_checkpoint: activation checkpointing (QT-UNet, SwinUNETR).
         qtunet_kwargs: further :class:`qtunet_monai.QTUNet` arguments (``drop_path_rate``,
-            ``num_stages``, ...); ignored by the baselines, with a warning when given.
+            ``num_stages``, ...); the baselines ignore ``drop_path_rate`` and refuse ``num_stages`` or
+            ``patch_size`` other than the thesis' 3 and 4.
     """
     by_lower = {b.lower(): b for b in BASELINES}
     if name.lower() not in by_lower:
@@ -133,11 +131,13 @@ def build_network(
                                   **qtunet_kwargs)
 
     name = by_lower[name.lower()]
-    ignored = sorted(set(qtunet_kwargs) - set(_QTUNET_ONLY))
-    if ignored:
-        raise TypeError(f"unexpected argument(s) {ignored} for the {name} baseline.")
-    if qtunet_kwargs:
-        logger.info("%s ignores QT-UNet's %s.", name, sorted(qtunet_kwargs))
+    unknown = sorted(set(qtunet_kwargs) - set(_QTUNET_ONLY))
+    if unknown:
+        raise TypeError(f"unexpected argument(s) {unknown} for the {name} baseline.")
+    changed = [k for k, v in qtunet_kwargs.items() if _QTUNET_ONLY[k] is not None and v != _QTUNET_ONLY[k]]
+    if changed:
+        raise ValueError(f"{name} has no QT-UNet {changed}; leave them at the thesis' values "
+                         f"{ {k: _QTUNET_ONLY[k] for k in changed} } for a baseline.")
     if deep_supervision and name != "DynUNet":
         raise ValueError(f"{name} has no deep-supervision heads; use deep_supervision with QT-UNet or DynUNet.")
     dims = len(roi_size)
