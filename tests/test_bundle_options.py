@@ -289,8 +289,7 @@ def test_folds_tta_keep_largest_and_the_fold_ensemble_through_the_bundle_configs
     assert len(scored) == 2  # fold 0's held-out cases: cross-validation
     shutil.rmtree("eval")
     inference = {k: v for k, v in over.items() if k != "num_workers"}
-    run(config_file=["configs/inference.json", "configs/inference_ensemble.json"], tta=True, keep_largest=True,
-        **inference)
+    run(config_file=["configs/inference.json", "configs/inference_ensemble.json"], keep_largest=True, **inference)
     assert len(list((spleen_bundle / "eval").glob("*_seg.nii.gz"))) == 1
 
 
