@@ -496,8 +496,9 @@ def pretrain_config(task: Task) -> dict:
     config["validate"] = {
         "datalist": "$@pretrain#cases[1]",
         "dataset": {"_target_": "CacheDataset",
+                    # a one-case pre-training list holds nothing out: no validation (check_cases refuses empty lists)
                     "data": f"$qtunet_bundle.check_cases(@validate#datalist, @in_channels, check_values=@check_data, "
-                            f"spatial_dims={task.spatial_dims})",
+                            f"spatial_dims={task.spatial_dims}) if @validate#datalist else []",
                     "transform": {"_target_": "Compose", "transforms": "@pretrain#transforms"},
                     "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": "@batch_size",
