@@ -90,3 +90,22 @@ def test_gather_partition_equals_pad_roll_permute(shape, shift):
     reference = torch.nn.functional.pad(x, [0, 0] + pads)
     reference = torch.roll(reference, [-s for s in geometry.shift_size], list(range(1, len(shape) + 1)))
     torch.testing.assert_close(geometry.partition(x), window_partition(reference, geometry.window_size), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, shift", [((9, 10, 7), 1), ((8, 6, 5), 0), ((11, 5), 1), ((2, 9, 8), 1), ((7, 7, 7), 1)])
+def test_in_graph_geometry_cuts_and_restores_exactly_like_the_cached_one(shape, shift):
+    """Under torch.compile the geometry has no index tensors and cuts by pad/roll/view; same windows, same map."""
+    from qtunet_monai.networks.blocks.windows import _build_geometry
+
+    cached = window_geometry(shape, window=3, shift=shift, device=CPU)
+    in_graph = _build_geometry(shape, 3, shift, CPU, indexed=False)
+    assert in_graph.gather_index is None and in_graph.scatter_index is None
+    assert torch.equal(in_graph.relative_index, cached.relative_index)
+    assert (in_graph.attn_mask is None) == (cached.attn_mask is None)
+    if cached.attn_mask is not None:
+        assert torch.equal(in_graph.attn_mask, cached.attn_mask)
+    x = torch.randn(2, *shape, 4)
+    windows = in_graph.partition(x)
+    assert torch.equal(windows, cached.partition(x))
+    assert torch.equal(in_graph.reverse(windows, 2), x)
+    assert torch.equal(in_graph.reverse(windows, 2), cached.reverse(windows, 2))

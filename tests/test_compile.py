@@ -1,5 +1,6 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""The ``compile`` switch of the bundles and the Auto3DSeg template."""
+"""``torch.compile`` with default arguments equals eager over a sequence of input sizes, compiling once
+per new size; and the ``compile`` switch of the bundles and the Auto3DSeg template."""
 
 from __future__ import annotations
 
@@ -8,8 +9,38 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+
+from qtunet_monai.networks import QTUNet
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_compile_with_default_arguments_equals_eager_over_two_sizes():
+    """Forward and backward, padded and shifted windows, a second size and the first again. 2D keeps the
+    inductor compilation (C++ code generation on the CPU) to a minute or two; 3D runs the same code
+    (``spatial_dims``) and is checked by ``python benchmarks/compile_check.py``."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2))
+    compiled = torch.compile(net)
+    graphs = []
+    # (20, 24): first-stage map 5 x 6, padded to 6 x 6 and shifted; (28, 12): both sizes change
+    for shape in [(20, 24), (28, 12), (20, 24)]:
+        x = torch.randn(2, 1, *shape)
+        expected = net(x)
+        expected_grads = torch.autograd.grad(expected.square().mean(), list(net.parameters()))
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().mean(), list(net.parameters()))
+        assert out.shape == (2, 2, *shape)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs == [1, 2, 2], graphs  # one graph per size, none for a size seen before
 
 
 def test_bundle_compile_switch_wraps_only_the_engines_network():

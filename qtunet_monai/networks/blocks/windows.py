@@ -5,10 +5,10 @@ A stage runs all its sub-blocks on one feature-map size, so the padding, window 
 shift mask and relative-position index are computed once per (size, window, shift, device) and
 cached; the forward pass only looks them up.
 
-Under ``torch.compile`` the geometry is built inside the graph instead, from the (possibly
-symbolic) feature-map size: every index is then derived from the same sizes as the tensors it
-indexes, so the compiler neither traces the cache nor lifts index tensors whose sizes it cannot
-relate to the feature map, and a new input size costs one recompilation of the whole graph.
+Under ``torch.compile`` the geometry is built inside the graph instead, and windows are cut by
+pad + roll + view/permute (which inductor fuses into one copy) rather than by index tensors (which
+it would lift as constants or simplify symbolically). The sizes are specialised: each new input
+size recompiles the whole graph once, statically.
 """
 
 from __future__ import annotations
@@ -46,8 +46,12 @@ class WindowGeometry:
         attn_mask: ``(num_windows, N, N)`` additive mask between shifted regions, or None.
         relative_index: ``(N, N)`` index into a ``(2w-1)^n`` relative-position bias table.
         gather_index: ``(num_windows * N,)`` token of the flattened map at each window position;
-            padding points one past the end, at a zero token.
-        scatter_index: ``(prod(spatial_shape),)`` window position of each token of the map.
+            padding points one past the end, at a zero token. None for a geometry built in a
+            graph (``torch.compile``, export), which pads, rolls and cuts instead: index tensors
+            computed in the graph would reach the compiler as index arithmetic it must simplify
+            symbolically, which takes inductor minutes per graph.
+        scatter_index: ``(prod(spatial_shape),)`` window position of each token of the map; None
+            with ``gather_index``.
         region_index: ``(num_windows, N)`` shifted region of each window position (tokens attend
             only within their region: ``attn_mask`` is :data:`MASK_VALUE` where regions differ), or
             None without a shift. Lets an attention kernel compute the mask instead of reading it.
@@ -59,8 +63,8 @@ class WindowGeometry:
     padded_shape: tuple[int, ...]
     attn_mask: torch.Tensor | None
     relative_index: torch.Tensor
-    gather_index: torch.Tensor
-    scatter_index: torch.Tensor
+    gather_index: torch.Tensor | None
+    scatter_index: torch.Tensor | None
     region_index: torch.Tensor | None = None
 
     @property
@@ -78,6 +82,14 @@ class WindowGeometry:
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, *spatial, C)`` -> ``(B * num_windows, N, C)``: pad at the end, shift, cut."""
         b, c = x.shape[0], x.shape[-1]
+        if self.gather_index is None:  # built in a graph: pad, roll and cut, which a compiler fuses
+            pads: list[int] = [0, 0]
+            for size, padded in zip(reversed(self.spatial_shape), reversed(self.padded_shape)):
+                pads += [0, padded - size]
+            x = F.pad(x, pads)
+            if any(self.shift_size):
+                x = torch.roll(x, shifts=tuple(-s for s in self.shift_size), dims=self._axes)
+            return window_partition(x, self.window_size)
         flat = x.reshape(b, -1, c)
         if self.is_padded:
             flat = F.pad(flat, (0, 0, 0, 1))  # the zero token that padding positions point at
@@ -86,8 +98,17 @@ class WindowGeometry:
     def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
         """Inverse of :meth:`partition`: ``(B * num_windows, N, C)`` -> ``(B, *spatial, C)``."""
         c = windows.shape[-1]
+        if self.scatter_index is None:
+            x = window_reverse(windows, self.window_size, (batch, *self.padded_shape))
+            if any(self.shift_size):
+                x = torch.roll(x, shifts=self.shift_size, dims=self._axes)
+            return x[(slice(None), *(slice(0, s) for s in self.spatial_shape))]
         flat = windows.reshape(batch, -1, c).index_select(1, self.scatter_index)
         return flat.view(batch, *self.spatial_shape, c)
+
+    @property
+    def _axes(self) -> tuple[int, ...]:
+        return tuple(range(1, len(self.spatial_shape) + 1))
 
 
 def _window_indices(spatial_shape, padded_shape, window_size, shift_size, device):
@@ -152,7 +173,9 @@ def relative_position_index(window_size: Sequence[int], table_window: int, devic
     return index
 
 
-def _build_geometry(spatial_shape: tuple, window: int, shift: int, device: torch.device) -> WindowGeometry:
+def _build_geometry(
+    spatial_shape: tuple, window: int, shift: int, device: torch.device, indexed: bool = True
+) -> WindowGeometry:
     full = (window,) * len(spatial_shape)
     window_size, shift_size = get_window_size(spatial_shape, full, (shift,) * len(spatial_shape))
     # ceiling division in integers keeps symbolic sizes symbolic under torch.compile
@@ -160,7 +183,7 @@ def _build_geometry(spatial_shape: tuple, window: int, shift: int, device: torch
     regions = shift_regions(padded, window_size, shift_size, device) if any(shift_size) else None
     mask = region_mask(regions) if regions is not None else None
     index = relative_position_index(window_size, window, device)
-    gather, scatter = _window_indices(spatial_shape, padded, window_size, shift_size, device)
+    gather, scatter = _window_indices(spatial_shape, padded, window_size, shift_size, device) if indexed else (None, None)
     return WindowGeometry(
         tuple(spatial_shape), tuple(window_size), tuple(shift_size), padded, mask, index, gather, scatter, regions
     )
@@ -184,9 +207,14 @@ def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, devic
             the window get a window equal to the map and no shift.
         device: where the mask and index tensors live.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        # Build in the graph: a tracer records whatever runs, so every trace holds the same graph
-        # and no traced tensor enters the cache; torch.compile keeps sizes symbolic (no int()).
-        return _build_geometry(tuple(spatial_shape), window, shift, torch.device(device))
+    if torch.compiler.is_compiling():
+        # Build in the graph, so no traced tensor enters the cache. int() specialises the sizes:
+        # once dynamo marks them dynamic (a second input size), the symbolic pad/roll/cut indexing
+        # takes inductor tens of minutes to simplify, where a static graph per size takes seconds to
+        # minutes; sliding-window inference and training see one size anyway.
+        shape = tuple(int(s) for s in spatial_shape)
+        return _build_geometry(shape, int(window), int(shift), torch.device(device), indexed=False)
+    if torch.jit.is_tracing():  # a tracer records whatever runs: every trace holds the same graph
+        return _build_geometry(tuple(spatial_shape), window, shift, torch.device(device), indexed=False)
     key = (tuple(int(s) for s in spatial_shape), int(window), int(shift), torch.device(device))
     return _cached_geometry(*key)
