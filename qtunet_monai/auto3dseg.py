@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from . import pipeline
-from .utils import unwrap_module, unwrap_state_dict
+from .utils import unwrap_module
 
 __all__ = ["TemplateError", "fill_hyper_parameters", "load_config", "build_transforms", "train", "validate",
            "InferClass"]
@@ -349,9 +349,10 @@ def validate(config_file, **override) -> float:
     parser = load_config(config_file, **override)
     train_files, val_files = _fold_lists(parser)
     network, _, evaluator = _engines(parser, train_files, val_files)
-    state = torch.load(Path(parser.get_parsed_content("ckpt_path")) / "model.pt", map_location="cpu",
-                       weights_only=True)
-    unwrap_module(network).load_state_dict(unwrap_state_dict(state))
+    from .bundle.checkpoints import read_checkpoint
+
+    state = read_checkpoint(Path(parser.get_parsed_content("ckpt_path")) / "model.pt")
+    unwrap_module(network).load_state_dict(state)
     evaluator.run()
     score = float(evaluator.state.metrics["val_mean_dice"])
     print(json.dumps({"val_mean_dice": score}))
@@ -370,8 +371,9 @@ class InferClass:
         self.device = _device(self.parser)
         self.network = self.parser.get_parsed_content("network").to(self.device).eval()
         weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
-        state = torch.load(weights, map_location=self.device, weights_only=True)
-        self.network.load_state_dict(unwrap_state_dict(state))
+        from .bundle.checkpoints import read_checkpoint
+
+        self.network.load_state_dict(read_checkpoint(weights))
         self.engine_network = _maybe_compiled(self.parser, self.network)
         self.transforms = Compose(build_transforms(self.parser, "infer"))
         values = _values(self.parser)

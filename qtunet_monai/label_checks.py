@@ -35,8 +35,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
+from .bundle.checkpoints import read_checkpoint
 from .bundle.datalist import _IMAGE_SUFFIXES, DataError, check_cases
-from .utils import unwrap_module, unwrap_state_dict
+from .utils import unwrap_module
 
 __all__ = [
     "RequestRefused",
@@ -367,7 +368,7 @@ class RetrainingRound:
             return
         network = unwrap_module(self.network)
         start = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        network.load_state_dict(unwrap_state_dict(torch.load(self.previous, map_location="cpu", weights_only=True)))
+        network.load_state_dict(read_checkpoint(self.previous))
         self.validator.run(0)
         network.load_state_dict(start)
         self.summary["previous_metric"] = _number(self.validator.state.best_metric)

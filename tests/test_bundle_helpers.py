@@ -63,3 +63,18 @@ def test_finetune_names_an_unreadable_checkpoint(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read the checkpoint .*broken.pt"):
         load_pretrained(QTUNet(1, 2, feature_size=12), str(tmp_path / "broken.pt"))
+
+
+def test_read_checkpoint_unwraps_and_names_the_file_it_refuses(tmp_path):
+    from qtunet_monai.bundle.checkpoints import read_checkpoint
+    from qtunet_monai.bundle.errors import CheckpointError
+
+    weights = {"a": torch.ones(2)}
+    torch.save({"state_dict": {"module.a": torch.ones(2)}}, tmp_path / "wrapped.pt")
+    assert torch.equal(read_checkpoint(tmp_path / "wrapped.pt")["a"], weights["a"])
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match=r"list\.pt holds a list, not a state dict"):
+        read_checkpoint(tmp_path / "list.pt")
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError, match=r"cannot read the checkpoint .*truncated\.pt"):
+        read_checkpoint(tmp_path / "truncated.pt")

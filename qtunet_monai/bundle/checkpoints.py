@@ -24,7 +24,7 @@ from ..utils import unwrap_state_dict
 from .errors import CheckpointError, NonFiniteError, OutputError
 from .files import check_writable, clean_stale_temporaries, replace_atomically, temporary_path
 
-__all__ = ["atomic_save", "ResumeCheckpoint", "BestModelSaver", "StopOnNonFiniteLoss", "load_pretrained",
+__all__ = ["read_checkpoint", "atomic_save", "ResumeCheckpoint", "BestModelSaver", "StopOnNonFiniteLoss", "load_pretrained",
            "non_finite_tensors", "prepare_folder", "load_failure"]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,23 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
                           f"torch: {' '.join(str(e).split())[:120]}); the previous file is kept.") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping:
+    """The state dict in ``path``, read with the weights-only loader; a dict holding one under
+    ``model``/``state_dict`` (or with DDP/compile prefixes) is unwrapped.
+
+    Raises:
+        CheckpointError: naming the file and, in one line, why it cannot be read (missing, truncated,
+            or holding code or objects the weights-only loader refuses).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(e)}") from e
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    return unwrap_state_dict(state)
 
 
 def load_failure(error: Exception) -> str:
@@ -248,12 +265,7 @@ def load_pretrained(network, path: str, prefix: str = "", exclude: tuple[str, ..
         exclude: key prefixes never loaded (e.g. the classifier of another task).
         strict_shapes: raise on shape mismatches; otherwise skip those keys.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(e)}") from e
-    if isinstance(state, Mapping):
-        state = unwrap_state_dict(state)
+    state = read_checkpoint(path)
     target = _unwrap(network)
     own = target.state_dict()
     wanted = {k: v for k, v in own.items() if k.startswith(prefix) and not k.startswith(tuple(exclude))}

@@ -24,6 +24,8 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import evenly_divisible_all_gather
 from torch import nn
 
+from .checkpoints import read_checkpoint
+
 __all__ = ["FlipTTAInferer", "FoldEnsemble", "InferenceTimer", "probabilities", "probabilities_to_logits"]
 
 _EPS = 1e-7  # keeps log(p) finite where a class has (numerically) zero probability
@@ -108,7 +110,7 @@ class FoldEnsemble(nn.Module):
         self.members = nn.ModuleList()
         for path in checkpoints:
             member = copy.deepcopy(network)
-            member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            member.load_state_dict(read_checkpoint(path))
             self.members.append(member)
         self.sigmoid = sigmoid
 

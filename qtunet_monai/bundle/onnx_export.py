@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoints import read_checkpoint
+
 __all__ = ["check_onnx", "export_onnx", "supports_dynamic_spatial_size"]
 
 
@@ -112,7 +114,7 @@ def export_onnx(
         AssertionError: onnxruntime disagrees with PyTorch by more than ``atol``.
     """
     if ckpt_file:
-        network.load_state_dict(torch.load(ckpt_file, map_location="cpu", weights_only=True))
+        network.load_state_dict(read_checkpoint(ckpt_file))
     network = network.cpu().eval()
     supported = supports_dynamic_spatial_size(network)
     if dynamic is None:

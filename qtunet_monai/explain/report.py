@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import unwrap_state_dict
+from ..bundle.checkpoints import read_checkpoint
 from .ablation import ablate
 from .figures import distance_figure, slice_figure
 from .maps import (
@@ -287,12 +287,7 @@ def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", co
     path = _inside(Path(bundle_dir), checkpoint)
     if not path.is_file():
         raise ValueError(f"no trained weights at {path}: train the bundle first (see its docs/README.md).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read the checkpoint {path}: {e}") from e
-    if isinstance(state, dict):
-        state = unwrap_state_dict(state)
+    state = read_checkpoint(path)  # a CheckpointError (a ValueError) names the file and the reason
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
