@@ -4,6 +4,7 @@ folds, baseline architectures, per-case inference time and ONNX export."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import shutil
@@ -274,6 +275,13 @@ def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, tmp_p
     shutil.rmtree("eval")
     run(config_file="configs/inference.json", **{k: v for k, v in over.items() if k != "num_workers"})
     assert len(list((bundle / "eval").glob("*_seg.*"))) == 1
+    if name == "DynUNet" and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        # the bundle's ONNX command on the trained checkpoint (a quick export: DynUNet at 20^3)
+        run(config_file=["configs/inference.json", "configs/export_onnx.json"],
+            **{k: v for k, v in over.items() if k != "num_workers"})
+        report = json.loads((bundle / "models" / "model.json").read_text())
+        assert (bundle / "models" / "model.onnx").stat().st_size > 0
+        assert max(report["max_abs_difference"].values()) <= 1e-4
 
 
 def test_folds_tta_keep_largest_and_the_fold_ensemble_through_the_bundle_configs(spleen_bundle):
