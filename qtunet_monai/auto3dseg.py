@@ -240,9 +240,9 @@ def _load_pretrained(parser, network) -> dict | None:
 
 
 def _maybe_compiled(parser, network: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(network)`` (default arguments) when the ``compile`` hyper-parameter is set; the
-    plain ``network`` stays what checkpoints save and load."""
-    return torch.compile(network) if parser.get("compile", False) else network
+    """``torch.compile(network, dynamic=False)`` when the ``compile`` hyper-parameter is set (one static
+    graph per input size, as the bundles); the plain ``network`` stays what checkpoints save and load."""
+    return torch.compile(network, dynamic=False) if parser.get("compile", False) else network
 
 
 def _engines(parser, train_files, val_files):

@@ -185,9 +185,10 @@ def _network_def(task: Task, train: bool) -> dict:
 
 
 def _compiled_network() -> dict:
-    """``--compile True``: the engines run ``torch.compile(network)`` (default arguments); checkpoints,
-    optimiser and initialisation keep using the plain ``network``, so saved keys stay unprefixed."""
-    return {"compile": False, "engine_network": "$torch.compile(@network) if @compile else @network"}
+    """``--compile True``: the engines run ``torch.compile(network, dynamic=False)`` (one static graph per
+    input size; see qtunet_monai/networks/blocks/windows.py); checkpoints, optimiser and initialisation keep
+    using the plain ``network``, so saved keys stay unprefixed."""
+    return {"compile": False, "engine_network": "$torch.compile(@network, dynamic=False) if @compile else @network"}
 
 
 def train_config(task: Task) -> dict:
@@ -703,8 +704,9 @@ the thesis saw). Several GPUs: `torchrun ... --config_file
 `--variant small` or `--variant base` (default `{task.variant}`); `--architecture {ablation}`
 for the ablations of the thesis. Give the same overrides to every command of a run. Memory:
 `--network_def#use_checkpoint True` trades compute for activation memory. `--compile True` runs
-training, validation and inference through `torch.compile(network)` (default arguments: the first
-steps compile, then one recompilation per new input size; checkpoints are unchanged). ImageNet initialisation of
+training, validation and inference through `torch.compile(network, dynamic=False)`: the first steps
+compile, then one static recompilation per new input size (training and sliding-window inference see
+one size); checkpoints are unchanged. ImageNet initialisation of
 the encoder, as the thesis did for Base: `--variant base --imagenet_init True --imagenet_checkpoint
 /path/to/swin_tiny_patch4_window7_224.pth` (a Swin-T file you supply, timm or official names;
 inflated to 3D, nothing is downloaded).

@@ -6,9 +6,12 @@ shift mask and relative-position index are computed once per (size, window, shif
 cached; the forward pass only looks them up.
 
 Under ``torch.compile`` the geometry is built inside the graph instead, and windows are cut by
-pad + roll + view/permute (which inductor fuses into one copy) rather than by index tensors (which
-it would lift as constants or simplify symbolically). The sizes are specialised: each new input
-size recompiles the whole graph once, statically.
+pad + roll + view/permute (which inductor fuses into one copy) rather than by index tensors computed
+in the graph, whose index arithmetic inductor must simplify symbolically (more than 12 minutes for a
+small 3D net before this change; 3.5 minutes after). With default arguments a second input size
+makes dynamo trace with symbolic sizes, which is correct but slow to compile (minutes even with
+the ``aot_eager`` backend); the bundles therefore compile with ``dynamic=False``: one static graph
+per input size, and training and sliding-window inference see a single size.
 """
 
 from __future__ import annotations
@@ -207,14 +210,9 @@ def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, devic
             the window get a window equal to the map and no shift.
         device: where the mask and index tensors live.
     """
-    if torch.compiler.is_compiling():
-        # Build in the graph, so no traced tensor enters the cache. int() specialises the sizes:
-        # once dynamo marks them dynamic (a second input size), the symbolic pad/roll/cut indexing
-        # takes inductor tens of minutes to simplify, where a static graph per size takes seconds to
-        # minutes; sliding-window inference and training see one size anyway.
-        shape = tuple(int(s) for s in spatial_shape)
-        return _build_geometry(shape, int(window), int(shift), torch.device(device), indexed=False)
-    if torch.jit.is_tracing():  # a tracer records whatever runs: every trace holds the same graph
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Build in the graph: a tracer records whatever runs, so every trace holds the same graph
+        # and no traced tensor enters the cache; torch.compile keeps sizes symbolic (no int()).
         return _build_geometry(tuple(spatial_shape), window, shift, torch.device(device), indexed=False)
     key = (tuple(int(s) for s in spatial_shape), int(window), int(shift), torch.device(device))
     return _cached_geometry(*key)
