@@ -13,17 +13,17 @@ from qtunet_monai import benchmark
 
 @pytest.fixture
 def small_scenarios(monkeypatch):
-    monkeypatch.setitem(benchmark.SCENARIOS, "infer32", ("infer", 32))
-    monkeypatch.setitem(benchmark.SCENARIOS, "train32", ("train", 32))
+    monkeypatch.setitem(benchmark.SCENARIOS, "infer64", ("infer", 64))
+    monkeypatch.setitem(benchmark.SCENARIOS, "train64", ("train", 64))
 
 
 def test_run_benchmark_alternates_models_and_reports_ratios(small_scenarios):
     log = []
     result = benchmark.run_benchmark(
-        ["qtunet-tiny", "swinunetr"], ["infer32", "train32"], repeats=2, memory=True, flops=True,
+        ["qtunet-tiny", "swinunetr"], ["infer64", "train64"], repeats=2, memory=True, flops=True,
         log=log.append,
     )
-    for scenario in ("infer32", "train32"):
+    for scenario in ("infer64", "train64"):
         rows = result["scenarios"][scenario]
         assert set(rows) == {"qtunet-tiny", "swinunetr"}
         assert rows["swinunetr"]["speedup_vs_swinunetr"] == pytest.approx(1.0)
@@ -37,19 +37,19 @@ def test_run_benchmark_alternates_models_and_reports_ratios(small_scenarios):
         for row in rows.values():
             assert row["mode"] == "eager" and row["kernels_per_step"] > 100 and row["copies_per_step"] >= 0
             assert row["gflop_per_step"] == pytest.approx(2 * passes * row["forward_gflops"])
-    assert result["scenarios"]["train32"]["qtunet-tiny"]["volumes_per_second"] > 0
+    assert result["scenarios"]["train64"]["qtunet-tiny"]["volumes_per_second"] > 0
     # timings alternate: within a repeat every model runs before any model runs again
-    timed = [line.split()[-3].rstrip(":") for line in log if "repeat" in line and "infer32" in line]
+    timed = [line.split()[-3].rstrip(":") for line in log if "repeat" in line and "infer64" in line]
     assert timed == ["qtunet-tiny", "swinunetr"] * 2
     table = benchmark.to_markdown(result)
     assert "| qtunet-tiny |" in table and "speed-up vs SwinUNETR" in table
 
 
 def test_bench_writes_json_and_markdown(tmp_path, small_scenarios):
-    benchmark.bench(models="qtunet-tiny,swinunetr", scenarios="infer32", repeats=1, memory=False, flops=False,
+    benchmark.bench(models="qtunet-tiny,swinunetr", scenarios="infer64", repeats=1, memory=False, flops=False,
                     out_dir=str(tmp_path), tag="t")
     data = json.loads((tmp_path / "t.json").read_text())
-    assert set(data["scenarios"]["infer32"]) == {"qtunet-tiny", "swinunetr"}
+    assert set(data["scenarios"]["infer64"]) == {"qtunet-tiny", "swinunetr"}
     table = (tmp_path / "t.md").read_text()
     assert table.count("| qtunet-tiny |") == 1 and "aten ops/step" in table and "copy_/step" in table
 
