@@ -1,7 +1,8 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """The family reproduces the thesis' parameter and FLOP tables (docs/architecture.md section 1) to within 1 %.
 
-Every one of the 21 full-size FLOP figures is counted (about two minutes on a laptop CPU)."""
+The tests count the full-size FLOPs of T and B for every row (14 of the table's 21 figures; about two
+minutes on a 2-core CPU); ``python -m qtunet_monai table`` counts all 21."""
 
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ def test_parameters_match_the_thesis(target, variant):
     assert params_m == pytest.approx(expected, rel=0.01)
 
 
-@pytest.mark.parametrize("target, variant", CASES)
+# FLOPs of T and B for every row (S differs from them only in width, C = 72 between 48 and 96; its parameters are
+# checked above and `python -m qtunet_monai table` counts all 21): 14 full-size counts instead of 21.
+FLOP_CASES = [case for case in CASES if case.values[1] != "small"]
+
+
+@pytest.mark.parametrize("target, variant", FLOP_CASES)
 def test_flops_match_the_thesis(target, variant):
     pytest.importorskip("fvcore")
     (row,) = complexity_table([variant], flops=True, targets=[target])
