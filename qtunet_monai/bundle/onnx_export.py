@@ -4,7 +4,7 @@ PyTorch with onnxruntime. Needs the ``onnx`` extra (onnx, onnxscript, onnxruntim
 
 Spatial size: networks without size-dependent Python logic (the CNN baselines) are exported with a
 dynamic spatial size. QT-UNet is not: its window attention computes the padding, the cyclic-shift
-mask and the window gather/scatter indices in Python from the feature map's integer size (and
+mask and the cut into windows in Python from the feature map's integer size (and
 shrinks the window on maps smaller than it), so ``torch.export`` specialises all of them to the
 example size and the graph is only valid there (at other sizes onnxruntime fails with out-of-range
 gather indices). QT-UNet (and the padded baselines, whose padding is size-dependent too) is therefore
