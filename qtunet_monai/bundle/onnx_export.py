@@ -6,7 +6,7 @@ Spatial size: networks without size-dependent Python logic (the CNN baselines) a
 dynamic spatial size. QT-UNet is not: its window attention computes the padding, the cyclic-shift
 mask and the cut into windows in Python from the feature map's integer size (and
 shrinks the window on maps smaller than it), so ``torch.export`` specialises all of them to the
-example size and the graph is only valid there (at other sizes onnxruntime fails with out-of-range
+example size and the graph is only valid there (with the earlier gather-index cut, onnxruntime failed with out-of-range
 gather indices). QT-UNet (and the padded baselines, whose padding is size-dependent too) is therefore
 exported at one fixed size, the ROI: the bundles' sliding-window inferer only ever feeds ROI-sized
 patches, so that model serves images of any size through the same sliding window.
