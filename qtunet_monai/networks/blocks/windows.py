@@ -86,10 +86,7 @@ class WindowGeometry:
         """``(B, *spatial, C)`` -> ``(B * num_windows, N, C)``: pad at the end, shift, cut."""
         b, c = x.shape[0], x.shape[-1]
         if self.gather_index is None:  # built in a graph: pad, roll and cut, which a compiler fuses
-            pads: list[int] = [0, 0]
-            for size, padded in zip(reversed(self.spatial_shape), reversed(self.padded_shape)):
-                pads += [0, padded - size]
-            x = F.pad(x, pads)
+            x = F.pad(x, [0, 0, *_end_pads(self.spatial_shape, self.padded_shape)])  # channels last: no pad
             if any(self.shift_size):
                 x = torch.roll(x, shifts=tuple(-s for s in self.shift_size), dims=self._axes)
             return window_partition(x, self.window_size)
@@ -114,6 +111,14 @@ class WindowGeometry:
         return tuple(range(1, len(self.spatial_shape) + 1))
 
 
+def _end_pads(spatial_shape, padded_shape) -> list[int]:
+    """``F.pad`` amounts (last axis first) that pad each spatial axis at its end to ``padded_shape``."""
+    pads: list[int] = []
+    for size, padded in zip(reversed(spatial_shape), reversed(padded_shape)):
+        pads += [0, padded - size]
+    return pads
+
+
 def _window_indices(spatial_shape, padded_shape, window_size, shift_size, device):
     """Gather and scatter indices of :class:`WindowGeometry` (see there).
 
@@ -122,10 +127,7 @@ def _window_indices(spatial_shape, padded_shape, window_size, shift_size, device
     """
     tokens = math.prod(spatial_shape)
     grid = torch.arange(tokens, device=device).view(spatial_shape)
-    pads: list[int] = []
-    for size, padded in zip(reversed(spatial_shape), reversed(padded_shape)):
-        pads += [0, padded - size]
-    grid = F.pad(grid, pads, value=tokens)  # padding -> the zero token
+    grid = F.pad(grid, _end_pads(spatial_shape, padded_shape), value=tokens)  # padding -> the zero token
     axes = tuple(range(len(shift_size)))
     if any(shift_size):
         grid = torch.roll(grid, shifts=tuple(-s for s in shift_size), dims=axes)
