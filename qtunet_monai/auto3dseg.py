@@ -338,9 +338,9 @@ def train(config_file, **override) -> float:
         evaluator.run()
     best = float(evaluator.state.best_metric)
     logger.info(f"best validation mean Dice {best:.4f}; model in {ckpt / 'model.pt'}")
-    if torch.distributed.is_initialized():  # leave together: a rank exiting mid-collective aborts the others (gloo)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    from .bundle import finish_distributed
+
+    finish_distributed()  # leave together: a rank exiting mid-collective aborts the others (gloo)
     return best
 
 

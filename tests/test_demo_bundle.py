@@ -28,7 +28,11 @@ def _run(args, cwd, timeout=900, check=True, extra_env=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        # a torchrun child's own fatal lines ("terminate called ...", "what(): ...") sit above torchrun's
+        # summary and the other rank's log, often beyond the tail: name them first
+        fatal = [line for line in done.stderr.splitlines() if any(k in line for k in ("terminate", "what()", "Error:"))]
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\nfatal lines: {fatal[-20:]}\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
 
 

@@ -416,7 +416,8 @@ def _distributed_overlay(config: dict, section: str, rank0_saves: list[str], eve
         *config["initialize"],
     ]
     overlay["run"] = config["run"]
-    overlay["finalize"] = ["$dist.is_initialized() and dist.destroy_process_group()"]
+    # every rank waits for the others before the group goes (a rank leaving early can abort a peer, gloo)
+    overlay["finalize"] = ["$qtunet_bundle.finish_distributed()"]
     return overlay
 
 

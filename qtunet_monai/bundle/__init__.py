@@ -19,7 +19,7 @@ from .checkpoints import (
     prepare_folder,
 )
 from .datalist import check_cases, load_datalist
-from .distributed import DeviceError, init_distributed, local_gpu, local_rank, process_device
+from .distributed import DeviceError, finish_distributed, init_distributed, local_gpu, local_rank, process_device
 from .errors import CheckpointError, DataError, NonFiniteError, OutputError, ReportedError, install_excepthook
 from .files import AtomicNibabelWriter, AtomicPILWriter, check_writable, clean_stale_temporaries
 from .folds import load_fold, write_folds
@@ -60,6 +60,7 @@ __all__ = [
     "load_datalist",
     "DeviceError",
     "init_distributed",
+    "finish_distributed",
     "local_gpu",
     "local_rank",
     "process_device",

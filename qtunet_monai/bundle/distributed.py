@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["DeviceError", "local_rank", "local_gpu", "process_device", "init_distributed"]
+__all__ = ["DeviceError", "local_rank", "local_gpu", "process_device", "init_distributed", "finish_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +80,15 @@ def init_distributed(device: str | torch.device) -> tuple[int, int]:
     if world > 1:
         logger.info(f"process {rank} of {world} (local rank {local_rank()}): {device}")
     return rank, world
+
+
+def finish_distributed() -> None:
+    """Leave the process group together: wait for every rank, then destroy the group (no-op when none).
+
+    Ranks reach the end of a run at different times (rank 0 still writes the last checkpoints); a rank
+    that shuts its gloo connections down while a peer is still working can make that peer abort
+    (SIGABRT), and torchrun then reports the finished run as failed.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
