@@ -80,6 +80,33 @@ def test_attention_backends_agree_in_outputs_and_gradients(name, cross):
     assert bias_grad.abs().sum() > 0
 
 
+def test_cpu_training_recomputes_the_attention_probabilities_instead_of_keeping_them():
+    """The default backend trains on CPU through the explicit path (above: same gradients) but, as a fused
+    kernel would, keeps no (windows, heads, N, N) tensor for the backward pass; the explicit one does."""
+    shape, shift = GEOMETRIES["3d-shifted-padded"]
+    geometry = _build_geometry(shape, 3, shift, CPU)
+    n = geometry.tokens_per_window
+    attention = _attention(False, 3)
+    x = torch.randn(2, *shape, 8, requires_grad=True)
+
+    def kept_probabilities(backend: str) -> list[tuple[int, ...]]:
+        attention.fused_attention = backend
+        kept = []
+
+        def pack(t):
+            kept.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = attention(geometry.partition(x), geometry)
+        grads = torch.autograd.grad(out.square().sum(), [x, attention.relative_position_bias_table])
+        assert all(g.abs().sum() > 0 for g in grads)
+        return [s for s in kept if len(s) == 4 and s[-2:] == (n, n)]
+
+    assert kept_probabilities("explicit") == [(2 * geometry.num_windows, 2, n, n)]
+    assert kept_probabilities("sdpa") == []
+
+
 def test_region_ids_give_monais_shift_mask():
     for shape, window, shift in [((9, 10, 4), 3, 1), ((14, 14, 14), 7, 3), ((30, 3, 9), 3, 1), ((16, 9), 3, 1)]:
         geometry = _build_geometry(shape, window, shift, CPU)

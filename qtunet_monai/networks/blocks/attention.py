@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .windows import MASK_VALUE, WindowGeometry
 
@@ -50,8 +51,9 @@ class WindowAttention(nn.Module):
         fused_attention: the attention backend. ``True`` or ``"sdpa"``:
             ``torch.nn.functional.scaled_dot_product_attention`` with the bias (and shift mask) as an
             additive mask that broadcasts over the batch; on CPU while the bias needs a gradient, the
-            explicit path (torch's fused CPU kernel has no mask gradient, and its math fallback would
-            compute the same in float32). ``"flex"``: ``torch.nn.attention.flex_attention`` with the
+            explicit path with its probabilities recomputed in the backward pass instead of stored
+            (torch's fused CPU kernel has no mask gradient, and its math fallback would compute the
+            same in float32). ``"flex"``: ``torch.nn.attention.flex_attention`` with the
             bias and the shift mask added inside the kernel by a ``score_mod`` from the bias and the
             windows' region ids, so no ``(windows, heads, N, N)`` tensor exists; fused only under
             ``torch.compile`` (eager flex materialises the scores) and, in torch 2.13, without a
@@ -98,7 +100,9 @@ class WindowAttention(nn.Module):
         """``(heads, N, N)`` bias for the windows of ``geometry``."""
         n = geometry.tokens_per_window
         bias = self.relative_position_bias_table[geometry.relative_index.reshape(-1)]
-        return bias.view(n, n, self.num_heads).permute(2, 0, 1)
+        # contiguous: a permuted bias makes every sum with it (the shift mask) permuted too, and SDPA
+        # then copies that (windows * heads, N, N) mask once more
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1).contiguous()
 
     @property
     def attention_backend(self) -> str:
@@ -116,10 +120,13 @@ class WindowAttention(nn.Module):
         if backend == "sdpa" and q.device.type == "cpu" and bias_grad:
             # torch's fused CPU kernel has no gradient for an additive mask: SDPA would take its math
             # path, which upcasts to float32 under autocast and adds a NaN-guarded softmax. The explicit
-            # path computes the same in the autocast dtype, and faster.
-            backend = "explicit"
-        attend = {"sdpa": self._attend_sdpa, "flex": self._attend_flex, "explicit": self._attend_explicit}[backend]
-        out = attend(q, k, v, geometry)
+            # path computes the same in the autocast dtype, and faster; like a fused kernel it keeps only
+            # q, k, v for the backward pass and recomputes the (windows, heads, N, N) probabilities, the
+            # largest activation of a window transformer (about half a training step's peak memory).
+            out = checkpoint(self._attend_explicit, q, k, v, geometry, use_reentrant=False)
+        else:
+            attend = {"sdpa": self._attend_sdpa, "flex": self._attend_flex, "explicit": self._attend_explicit}
+            out = attend[backend](q, k, v, geometry)
         return self.proj(out.transpose(1, 2).reshape(b, n, heads * head_dim))
 
     def _attend_explicit(self, q, k, v, geometry: WindowGeometry) -> torch.Tensor:
