@@ -109,8 +109,10 @@ class PatchExpanding(nn.Module):
         self.expand = nn.Linear(dim, math.prod(self.factors) * out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
-    #: tokens expanded at a time when a ``project`` follows and no gradients are needed
-    inference_chunk = 4096
+    #: tokens expanded at a time when a ``project`` follows and no gradients are needed; None: 1024 on a
+    #: CPU, where a chunk's full-width sub-tokens then stay near the caches for the norm and the
+    #: projection (a third faster than 4096), and 8192 on a GPU (fewer, larger kernels)
+    inference_chunk: int | None = None
 
     def _sub_tokens(self, tokens: torch.Tensor, project: nn.Module | None) -> torch.Tensor:
         """``(B, T, dim)`` -> normalised (and projected) sub-tokens ``(B, T, prod(factors), C)``:
@@ -130,11 +132,12 @@ class PatchExpanding(nn.Module):
         """
         b, *spatial, c = x.shape
         tokens = x.reshape(b, -1, c)
-        if project is not None and not torch.is_grad_enabled() and tokens.shape[1] > self.inference_chunk:
+        chunk = self.inference_chunk or (1024 if x.device.type == "cpu" else 8192)
+        if project is not None and not torch.is_grad_enabled() and tokens.shape[1] > chunk:
             # Without autograd nothing needs the full-width sub-tokens at once: expanding a chunk of
             # tokens at a time bounds the peak memory of the classifier head (the largest tensor of
             # the network) without changing the result.
-            chunks = [self._sub_tokens(t, project) for t in tokens.split(self.inference_chunk, dim=1)]
+            chunks = [self._sub_tokens(t, project) for t in tokens.split(chunk, dim=1)]
             sub_tokens = torch.cat(chunks, dim=1)
         else:
             sub_tokens = self._sub_tokens(tokens, project)
