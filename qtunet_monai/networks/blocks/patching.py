@@ -111,7 +111,7 @@ class PatchExpanding(nn.Module):
 
     #: tokens expanded at a time when a ``project`` follows and no gradients are needed; None: 1024 on a
     #: CPU, where a chunk's full-width sub-tokens then stay near the caches for the norm and the
-    #: projection (a third faster than 4096), and 8192 on a GPU (fewer, larger kernels)
+    #: projection (a third faster than 4096), and 4096 on a GPU (fewer kernels; not yet measured there)
     inference_chunk: int | None = None
 
     def _sub_tokens(self, tokens: torch.Tensor, project: nn.Module | None) -> torch.Tensor:
@@ -132,7 +132,7 @@ class PatchExpanding(nn.Module):
         """
         b, *spatial, c = x.shape
         tokens = x.reshape(b, -1, c)
-        chunk = self.inference_chunk or (1024 if x.device.type == "cpu" else 8192)
+        chunk = self.inference_chunk or (1024 if x.device.type == "cpu" else 4096)
         if project is not None and not torch.is_grad_enabled() and tokens.shape[1] > chunk:
             # Without autograd nothing needs the full-width sub-tokens at once: expanding a chunk of
             # tokens at a time bounds the peak memory of the classifier head (the largest tensor of
