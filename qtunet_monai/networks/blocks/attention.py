@@ -123,7 +123,7 @@ class WindowAttention(nn.Module):
             # path computes the same in the autocast dtype, and faster; like a fused kernel it keeps only
             # q, k, v for the backward pass and recomputes the (windows, heads, N, N) probabilities, the
             # largest activation of a window transformer (about half a training step's peak memory).
-            out = checkpoint(self._attend_explicit, q, k, v, geometry, use_reentrant=False)
+            out = checkpoint(self._attend_explicit, q, k, v, geometry, use_reentrant=False, preserve_rng_state=False)
         else:
             attend = {"sdpa": self._attend_sdpa, "flex": self._attend_flex, "explicit": self._attend_explicit}
             out = attend[backend](q, k, v, geometry)

@@ -132,7 +132,7 @@ class PatchExpanding(nn.Module):
         """
         b, *spatial, c = x.shape
         tokens = x.reshape(b, -1, c)
-        chunk = self.inference_chunk or (1024 if x.device.type == "cpu" else 4096)
+        chunk = self.inference_chunk if self.inference_chunk is not None else (1024 if x.device.type == "cpu" else 4096)
         if project is not None and not torch.is_grad_enabled() and tokens.shape[1] > chunk:
             # Without autograd nothing needs the full-width sub-tokens at once: expanding a chunk of
             # tokens at a time bounds the peak memory of the classifier head (the largest tensor of
