@@ -8,7 +8,7 @@ cached; the forward pass only looks them up.
 Under ``torch.compile`` the geometry is built inside the graph instead, and windows are cut by
 pad + roll + view/permute (which inductor fuses into one copy) rather than by index tensors computed
 in the graph, whose index arithmetic inductor must simplify symbolically (more than 12 minutes for a
-small 3D net before this change; 3.5 minutes after). With default arguments a second input size
+small 3D net with index tensors; 3.5 minutes with pad + roll). With default arguments a second input size
 makes dynamo trace with symbolic sizes, which is correct but slow to compile (minutes even with
 the ``aot_eager`` backend); the bundles therefore compile with ``dynamic=False``: one static graph
 per input size, and training and sliding-window inference see a single size.
