@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 import yaml
+from monai.apps.auto3dseg import AutoRunner
 
 from . import pipeline
 from .utils import unwrap_module
 
-__all__ = ["TemplateError", "fill_hyper_parameters", "load_config", "build_transforms", "train", "validate",
-           "InferClass"]
+__all__ = ["TemplateError", "CheckedAutoRunner", "check_data_source", "fill_hyper_parameters", "load_config",
+           "build_transforms", "train", "validate", "InferClass"]
 
 logger = logging.getLogger(__name__)
 CONFIG_FILES = ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")
@@ -119,18 +120,111 @@ def _config_files(config_file) -> list[str]:
     return [str(f) for f in config_file]
 
 
-def _check_datalist(source: dict) -> None:
-    """Stop generation with a clear message on an empty data list or missing / unreadable files."""
+def _read_source(data_src_cfg) -> dict:
+    if isinstance(data_src_cfg, dict):
+        return data_src_cfg
+    return yaml.safe_load(Path(data_src_cfg).read_text())  # YAML reads JSON too
+
+
+def _declared_label_values(source: dict, content: dict) -> set[int] | None:
+    """The label values the data set declares: overlapping regions' indices (``class_names`` with ``index``
+    lists) and background, or the data list's ``labels`` (MSD ``{"0": "background", ...}``, nnU-Net v2
+    ``{"background": 0, "tumour": [1, 2]}``); None when nothing is declared."""
+    class_names = source.get("class_names")
+    if class_names and all(isinstance(c, dict) and "index" in c for c in class_names):
+        return {0} | {int(i) for c in class_names for i in c["index"]}
+    labels = content.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        return None
+    if all(str(key).strip().isdigit() for key in labels):
+        return {int(key) for key in labels}
+    values: set[int] = set()
+    for value in labels.values():
+        values |= {int(v) for v in value} if isinstance(value, list) else {int(value)}
+    return values
+
+
+def _declared_channels(content: dict) -> int | None:
+    """Image channels the data list declares (MSD ``modality``, nnU-Net v2 ``channel_names``), or None."""
+    for key in ("modality", "channel_names"):
+        value = content.get(key)
+        if isinstance(value, dict) and value:
+            return len(value)
+    return None
+
+
+def _usual_channels(items: list[dict]) -> int | None:
+    """The channel count most cases' headers have (unreadable files are left to :func:`check_cases`)."""
+    from collections import Counter
+
+    from .bundle.datalist import image_shape
+
+    counts: Counter[int] = Counter()
+    for item in items:
+        files = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        try:
+            shapes = [image_shape(str(f)) for f in files]
+        except OSError:
+            continue
+        counts[sum(shape[3] if len(shape) > 3 else 1 for shape in shapes)] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def check_data_source(data_src_cfg, check_values: bool = True) -> list[dict]:
+    """The package's data checks on an Auto3DSeg input, meant to run before MONAI's ``DataAnalyzer`` reads
+    it (:class:`CheckedAutoRunner` does), so that bad data stops with our one-line messages instead of
+    MONAI's tracebacks.
+
+    Every ``training`` and ``validation`` case of the data list goes through
+    :func:`qtunet_monai.bundle.check_cases`: files exist and are readable, each image has the declared
+    channels (the data list's ``modality`` / ``channel_names``, else the count most cases have), its label
+    shares its shape, orientation, spacing and origin, and (``check_values``) intensities are finite and
+    label values lie in the classes the data set declares (``class_names`` regions of the data source
+    config, or the data list's ``labels`` as in an MSD / nnU-Net ``dataset.json``).
+
+    Args:
+        data_src_cfg: the data source config (AutoRunner's ``input``): a dict, or a YAML / JSON file, with
+            ``datalist`` and ``dataroot``.
+        check_values: also read the voxels; headers only if False.
+
+    Returns:
+        the checked cases.
+
+    Raises:
+        TemplateError: no training cases, or training cases without a label.
+        DataError: each bad file and its problem, one per line.
+    """
     from .bundle import DataError, check_cases, load_datalist
 
+    source = _read_source(data_src_cfg)
+    datalist, root = str(source["datalist"]), source.get("dataroot")
     try:
-        items = load_datalist(str(source["datalist"]), "training", base_dir=source.get("dataroot"))
+        items = load_datalist(datalist, "training", base_dir=root)
     except DataError as e:
         raise TemplateError(f"{e} Nothing to train the qtunet algorithm on.") from e
     missing = [i["image"] for i in items if "label" not in i]
     if missing:
-        raise TemplateError(f"training cases without a label in {source['datalist']}: {missing[:5]}")
-    check_cases(items, in_channels=None, check_values=False)  # channels come from the statistics
+        raise TemplateError(f"training cases without a label in {datalist}: {missing[:5]}")
+    content = json.loads(Path(datalist).read_text())
+    if content.get("validation"):  # AutoRunner trains on these too
+        items += load_datalist(datalist, "validation", base_dir=root)
+    channels = _declared_channels(content) or _usual_channels(items)
+    return check_cases(items, channels, label_values=_declared_label_values(source, content),
+                       check_values=check_values)
+
+
+def _check_datalist(source: dict) -> None:
+    """Stop generation with a clear message on bad data; headers only (the analysis has read the voxels)."""
+    check_data_source(source, check_values=False)
+
+
+class CheckedAutoRunner(AutoRunner):
+    """MONAI's ``AutoRunner`` that runs :func:`check_data_source` before its data analysis."""
+
+    def run(self):
+        if self.analyze:
+            check_data_source(self.data_src_cfg)
+        return super().run()
 
 
 def load_config(config_file, **override):

@@ -18,6 +18,7 @@ The bundles under the repository's ``bundles/`` are written by ``tools/generate_
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ def info(
     spatial_dims: int = 3,
     in_channels: int = 1,
     out_channels: int = 2,
-    roi: int = 96,
+    roi: int | str | tuple = 96,
     architecture: str | None = None,
     merge_depth: bool = True,
     decoder: str = "qt",
@@ -51,7 +52,8 @@ def info(
         spatial_dims: 2 or 3.
         in_channels: input channels.
         out_channels: output classes.
-        roi: edge length of the (cubic / square) input.
+        roi: the input's size: one edge length (a cube / square, e.g. ``96``) or one per spatial axis
+            (``50,61,37``); any size, the network pads inside.
         architecture: one of the thesis' architectures (QT-UNet, QT-UNet-A, VT-UNet, VT-UNet-A,
             QT-UNet-2D, QT-UNet-2D-A); overrides spatial_dims, merge_depth and decoder.
         merge_depth: merge the depth axis too (QT-UNet) or not (QT-UNet-A).
@@ -71,7 +73,7 @@ def info(
             in_channels, out_channels, spatial_dims=spatial_dims, variant=variant,
             merge_depth=merge_depth, decoder=decoder, **options,
         )
-    shape = (1, in_channels) + (roi,) * spatial_dims
+    shape = (1, in_channels) + _roi_size(roi, spatial_dims)
     result = {
         "architecture": architecture or "QTUNet",
         "variant": variant,
@@ -83,6 +85,22 @@ def info(
     if flops:
         result["gflops"] = round(count_flops(model, shape) / 1e9, 2)
     print(json.dumps(result))
+
+
+def _roi_size(roi, spatial_dims: int) -> tuple[int, ...]:
+    """``--roi`` as one size per spatial axis; fire passes ``96`` as an int and ``50,61,37`` as a tuple."""
+    values = [v for v in roi.replace("x", ",").split(",") if v.strip()] if isinstance(roi, str) else (
+        list(roi) if isinstance(roi, (list, tuple)) else [roi])
+    try:
+        sizes = [int(str(v).strip()) for v in values]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes *= spatial_dims
+    if len(sizes) != spatial_dims or min(sizes) < 1:
+        raise ValueError(f"--roi {roi!r}: give one positive integer edge length or {spatial_dims} of them "
+                         f"separated by commas (e.g. {','.join(['50', '61', '37'][:spatial_dims])}).")
+    return tuple(sizes)
 
 
 def table(variants: str | list = "tiny,small,base", flops: bool = True, json_file: str | None = None) -> None:
@@ -288,7 +306,7 @@ def explain(
         specs = [s.strip() for s in ablate.split(",")] if isinstance(ablate, str) else [str(s) for s in ablate]
         rows = ablation_dice(bundle_dir, specs, split=split, checkpoint=checkpoint)
         (out / "ablation.json").write_text(json.dumps(rows, indent=1))
-        print(f"Dice on the '{split}' cases with attention blocks ablated:")
+        print(f"Dice on the {len(rows[0]['cases'])} '{split}' case(s) with attention blocks ablated:")
         print(format_ablation_table(rows))
 
 
@@ -297,11 +315,21 @@ COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepar
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; bad arguments end with a one-line error and exit status 2."""
+    """Entry point; bad arguments and data end with a one-line error and exit status 2 (the full traceback
+    with ``QTUNET_MONAI_DEBUG=1``)."""
+    from .bundle.errors import DEBUG_ENV, reported_cause
+
     try:
         fire.Fire(COMMANDS, command=argv, name="qtunet_monai")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        # ReportedErrors may arrive wrapped by MONAI's config parser; other errors of what the user gave
+        # (values, files, missing extras) are one line too; anything else is a bug: its traceback shows
+        reported = reported_cause(e)
+        if (reported is None and not isinstance(e, (ValueError, OSError, ImportError))) or \
+                os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        message = str(reported) if reported is not None else " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

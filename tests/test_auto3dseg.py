@@ -203,6 +203,93 @@ def test_bad_data_stops_generation_with_a_clear_message(tmp_path, damage, error,
         assert str(data / "lab1.nii.gz") in str(raised.value)
 
 
+def _msd_style(data: Path, n: int = 4) -> Path:
+    """The test data set with what an MSD dataset.json declares: one channel, classes 0..2."""
+    datalist = _dataset(data, shape=(24, 24, 16), n=n)
+    content = json.loads(datalist.read_text())
+    content.update(modality={"0": "MRI"}, labels={"0": "background", "1": "outer", "2": "inner"})
+    datalist.write_text(json.dumps(content))
+    return datalist
+
+
+def _damage(data: Path, damage: str) -> None:
+    """Damage case 1 of :func:`_dataset`: its label's header or voxels, or its image."""
+    image, label = nib.load(data / "img1.nii.gz"), nib.load(data / "lab1.nii.gz")
+    voxels = np.asarray(label.dataobj)
+    if damage == "flipped_label":  # same voxels, LPS header on the RAS image
+        nib.save(nib.Nifti1Image(voxels, np.diag([-1.2, -1.2, 1.5, 1.0])), data / "lab1.nii.gz")
+    elif damage == "label_spacing":
+        nib.save(nib.Nifti1Image(voxels, np.eye(4)), data / "lab1.nii.gz")
+    elif damage == "label_shape":
+        nib.save(nib.Nifti1Image(voxels[:, :, :12], label.affine), data / "lab1.nii.gz")
+    elif damage == "stray_label_value":
+        voxels = voxels.copy()
+        voxels[0, 0, 0] = 5
+        nib.save(nib.Nifti1Image(voxels, label.affine), data / "lab1.nii.gz")
+    elif damage == "two_channels":
+        voxels = np.asarray(image.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([voxels, voxels], -1), image.affine), data / "img1.nii.gz")
+    elif damage == "missing_image":
+        (data / "img1.nii.gz").unlink()
+
+
+BAD_DATA = [
+    ("flipped_label", "{label}: label does not match its image {image} (label vs image): orientation LPS vs RAS"),
+    ("label_spacing", ("{label}: label does not match its image {image} (label vs image): "
+                       "spacing (1.0, 1.0, 1.0) vs (1.2, 1.2, 1.5) mm")),
+    ("label_shape", "{label}: label shape (24, 24, 12) does not match image shape (24, 24, 16) of {image}"),
+    ("stray_label_value", "{label}: label values [5] are outside the task's classes [0, 1, 2]"),
+    ("two_channels", "{image}: 2 image channel(s), but the network expects 1"),
+    ("missing_image", "{image}: file not found"),
+]
+
+
+@pytest.mark.parametrize("damage, message", BAD_DATA, ids=[d for d, _ in BAD_DATA])
+def test_bad_data_is_refused_before_the_analysis_naming_the_files(tmp_path, damage, message):
+    from qtunet_monai.auto3dseg import check_data_source
+
+    data = tmp_path / "data"
+    datalist = _msd_style(data)
+    source = {"modality": "mri", "datalist": str(datalist), "dataroot": str(data)}
+    assert len(check_data_source(source)) == 3  # the good data set passes
+    _damage(data, damage)
+    with pytest.raises(DataError) as refused:
+        check_data_source(source)
+    assert str(refused.value) == message.format(image=data / "img1.nii.gz", label=data / "lab1.nii.gz")
+
+
+def test_undeclared_channels_and_classes_come_from_the_data(tmp_path):
+    """Without ``modality`` / ``labels`` in the data list the usual channel count is expected and label values
+    are left to the analysis; ``class_names`` regions of the data source config declare the classes."""
+    from qtunet_monai.auto3dseg import check_data_source
+
+    data = tmp_path / "data"
+    datalist = _dataset(data, shape=(24, 24, 16), n=4)
+    _damage(data, "stray_label_value")
+    source = {"modality": "mri", "datalist": str(datalist), "dataroot": str(data)}
+    assert len(check_data_source(source)) == 3
+    regions = [{"name": "core", "index": [2]}, {"name": "whole", "index": [1, 2]}]
+    with pytest.raises(DataError, match=r"label values \[5\] are outside the task's classes \[0, 1, 2\]"):
+        check_data_source({**source, "class_names": regions})
+    _damage(data, "two_channels")
+    with pytest.raises(DataError, match="img1.nii.gz: 2 image channel"):
+        check_data_source(source)
+
+
+def test_the_checked_autorunner_stops_before_monai_analyses_the_data(tmp_path):
+    from qtunet_monai.auto3dseg import CheckedAutoRunner
+
+    data = tmp_path / "data"
+    datalist = _msd_style(data)
+    _damage(data, "flipped_label")
+    work = tmp_path / "work"
+    runner = CheckedAutoRunner(work_dir=str(work), algos=["qtunet"], templates_path_or_url=str(TEMPLATES),
+                               input={"modality": "MRI", "datalist": str(datalist), "dataroot": str(data)})
+    with pytest.raises(DataError, match="orientation LPS vs RAS"):
+        runner.run()
+    assert not (work / "datastats.yaml").exists()
+
+
 def test_template_training_under_torchrun_with_gloo(tmp_path):
     """Auto3DSeg's multi-GPU mode launches scripts/train.py with torchrun; on CPU the ranks use gloo."""
     import subprocess

@@ -79,6 +79,24 @@ def test_cli_rejects_bad_arguments_with_one_line():
     assert done.stderr.strip() == "error: unknown variant 'huge'; choose one of ['base', 'small', 'tiny']."
 
 
+def test_cli_info_takes_any_input_shape(capsys):
+    pytest.importorskip("fvcore")
+    from qtunet_monai.cli import main
+
+    main(["info", "--roi", "50,61,37", "--out_channels", "3"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["input"] == [1, 1, 50, 61, 37] and result["gflops"] > 0
+    assert result["gflops"] == round(count_flops(QTUNet(1, 3), (1, 1, 50, 61, 37)) / 1e9, 2)
+    main(["info", "--roi", "40x24", "--spatial_dims", "2", "--flops", "False"])
+    assert json.loads(capsys.readouterr().out)["input"] == [1, 1, 40, 24]
+    for roi in ("50,61", "50,0,37", "big"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["info", "--roi", roi, "--flops", "False"])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: --roi ") and "(e.g. 50,61,37)" in error and len(error.splitlines()) == 1
+
+
 def test_cli_table_writes_json(tmp_path):
     out = tmp_path / "table.json"
     cmd = [sys.executable, "-m", "qtunet_monai", "table", "--variants", "tiny", "--flops", "False",

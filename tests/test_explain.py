@@ -159,3 +159,56 @@ def test_maps_are_written_in_the_input_space(tmp_path):
         explain_image(_net(decoder="vt"), str(image), "15,13,6", str(tmp_path / "vt"), preprocessing)
     with pytest.raises(ValueError, match="outside the image"):
         explain_image(net, str(image), "15,13,600", str(tmp_path / "far"), preprocessing, figures=False)
+
+
+def _demo_bundle_with_splits(root) -> dict[str, list[str]]:
+    """The demo bundle's configs, random weights and three tiny cases: one validation, two testing;
+    returns each split's image files."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
+    shutil.copytree(demo / "configs", root / "configs")
+    (root / "data").mkdir()
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(QTUNet(1, 4).state_dict(), root / "models" / "model.pt")
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    cases = []
+    for i in range(3):
+        label = rng.integers(0, 4, (12, 12, 12)).astype(np.uint8)
+        nib.save(nib.Nifti1Image((label * 50 + rng.normal(0, 5, label.shape)).astype(np.float32), affine),
+                 root / "data" / f"img{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "data" / f"lab{i}.nii.gz")
+        cases.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz"})
+    splits = {"training": cases[:1], "validation": cases[:1], "testing": cases[1:]}
+    (root / "data" / "datalist.json").write_text(json.dumps(splits))
+    return {k: [str((root / "data" / c["image"]).resolve()) for c in v] for k, v in splits.items()}
+
+
+def test_ablation_scores_the_requested_split(tmp_path, capsys):
+    import json
+
+    from qtunet_monai.bundle import DataError
+    from qtunet_monai.cli import main
+    from qtunet_monai.explain import ablation_dice
+
+    bundle = tmp_path / "bundle"
+    images = _demo_bundle_with_splits(bundle)
+    main(["explain", str(bundle), "--ablate", "decoder.stage2.cross", "--split", "testing",
+          "--out_dir", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert [row["ablation"] for row in rows] == ["none", "decoder.stage2.cross"]
+    assert all(row["split"] == "testing" and row["cases"] == images["testing"] for row in rows)
+    assert "Dice on the 2 'testing' case(s)" in capsys.readouterr().out
+    assert ablation_dice(str(bundle), [], split="validation")[0]["cases"] == images["validation"]
+    with pytest.raises(DataError, match="has no 'no_such_split' cases"):
+        ablation_dice(str(bundle), [], split="no_such_split")
+    with pytest.raises(SystemExit) as stopped:
+        main(["explain", str(bundle), "--ablate", "decoder.stage2.cross", "--split", "no_such_split"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: data list {bundle}/data/datalist.json has no 'no_such_split' cases "
+                     "(found keys: ['training', 'validation', 'testing']).")

@@ -142,6 +142,22 @@ def test_labels_are_checked_against_their_image(tmp_path):
     assert not os.path.exists(tagged)
 
 
+@pytest.mark.parametrize("affine, difference", [
+    (np.diag([-1.0, -1.0, 1.0, 1.0]), "orientation LPS vs RAS"),
+    (np.diag([1.5, 1.5, 1.5, 1.0]), "spacing (1.5, 1.5, 1.5) vs (1.0, 1.0, 1.0) mm"),
+])
+def test_a_label_upload_off_its_image_grid_is_refused(tmp_path, affine, difference):
+    image = _nifti(tmp_path / "case.nii.gz", np.random.default_rng(0).random((8, 8, 8), dtype=np.float32))
+    upload = _upload_copy()
+    nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), affine).to_filename(upload)
+    with pytest.raises(checks.RequestRefused) as refused:
+        checks.check_label_upload("case", "final", upload, str(image), PATTERNS, 2**20, [0, 1])
+    assert refused.value.status == 400 and str(refused.value) == (
+        f"label for 'case' is refused: the upload: label does not match its image {image} (label vs image): "
+        f"{difference}")
+    assert not os.path.exists(upload)
+
+
 @pytest.mark.parametrize(("argv", "host"), [
     (["monailabel", "start_server", "--app", "a", "--studies", "s"], "0.0.0.0"),  # MONAI Label's default
     (["monailabel", "start_server", "--host", "127.0.0.1"], "127.0.0.1"),

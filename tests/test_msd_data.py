@@ -84,3 +84,20 @@ def test_cli_writes_fake_data_and_the_data_list(tmp_path):
                and Path(c["label"]) == (folder / "labelsTr" / Path(c["image"]).name).resolve() for c in cases)
     assert datalist["testing"] == [{"image": str((folder / "imagesTs" / "prostate_006.nii.gz").resolve())}]
     check_cases(datalist["training"], in_channels=2, num_classes=3)
+
+
+@pytest.mark.parametrize("task, folder, message", [
+    ("msd_nosuch", "data", "error: unknown task 'msd_nosuch'; choose one of ["),
+    ("msd_hippocampus", "my_folder", ("error: {root}/my_folder/Task04_Hippocampus/dataset.json not found: download "
+                                      "Task04_Hippocampus.tar from the Medical Segmentation Decathlon")),
+])
+def test_cli_data_errors_are_one_line_with_status_2(tmp_path, capsys, task, folder, message):
+    from qtunet_monai.cli import main
+
+    (tmp_path / folder).mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        main(["prepare_data", task, str(tmp_path / folder), str(tmp_path / "datalist.json")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and error.startswith(message.format(root=tmp_path))
+    assert not (tmp_path / "datalist.json").exists()

@@ -360,6 +360,81 @@ def test_one_problem_is_one_line(tmp_path):
                                "(optionally with channels last)"
 
 
+# ------------------------------------------------------------------------------ a label on its image's grid
+RAS_15 = np.diag([1.5, 1.5, 1.5, 1.0])
+
+
+def _image_and_label(folder: Path, label_affine: np.ndarray, label_shape=(8, 8, 8)) -> tuple[str, str]:
+    """A 1.5 mm RAS image and a label of the same voxels (cropped to ``label_shape``) under ``label_affine``."""
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    image = folder / "imagesTr" / "x.nii.gz"
+    nib.save(nib.Nifti1Image(_volume(0), RAS_15), image)
+    label = (np.indices((8, 8, 8)).sum(0) % 2).astype(np.uint8)[: label_shape[0], : label_shape[1], : label_shape[2]]
+    if len(label_shape) > 3:
+        label = np.repeat(label[..., None], label_shape[3], axis=-1)
+    nib.save(nib.Nifti1Image(label, label_affine), folder / "labelsTr" / "x.nii.gz")
+    return str(image), str(folder / "labelsTr" / "x.nii.gz")
+
+
+def _shifted(affine: np.ndarray, origin) -> np.ndarray:
+    moved = affine.copy()
+    moved[:3, 3] = origin
+    return moved
+
+
+@pytest.mark.parametrize("label_affine, label_shape, difference", [
+    pytest.param(np.diag([-1.5, -1.5, 1.5, 1.0]), (8, 8, 8), "orientation LPS vs RAS", id="flipped"),
+    pytest.param(np.eye(4), (8, 8, 8), "spacing (1.0, 1.0, 1.0) vs (1.5, 1.5, 1.5) mm", id="spacing"),
+    pytest.param(_shifted(RAS_15, (3.0, 0.0, -1.5)), (8, 8, 8), "origin (3.0, 0.0, -1.5) vs (0.0, 0.0, 0.0) mm",
+                 id="origin"),
+    pytest.param(_shifted(np.diag([-1.0, 1.0, 1.0, 1.0]), (10.5, 0.0, 0.0)), (8, 8, 8),
+                 "orientation LAS vs RAS; spacing (1.0, 1.0, 1.0) vs (1.5, 1.5, 1.5) mm; origin (10.5, 0.0, 0.0) "
+                 "vs (0.0, 0.0, 0.0) mm", id="all-three"),
+])
+def test_a_label_off_its_image_is_refused_naming_both_files(tmp_path, label_affine, label_shape, difference):
+    image, label = _image_and_label(tmp_path, label_affine, label_shape)
+    for check_values in (True, False):  # headers only too
+        with pytest.raises(DataError) as error:
+            check_cases([{"image": image, "label": label}], in_channels=1, num_classes=2, check_values=check_values)
+        assert str(error.value) == f"{label}: label does not match its image {image} (label vs image): {difference}"
+
+
+@pytest.mark.parametrize("label_shape, problem", [
+    pytest.param((8, 8, 6), "label shape (8, 8, 6) does not match image shape (8, 8, 8) of {image}", id="shape"),
+    pytest.param((8, 8, 8, 2), "label has 2 channels; expected one label map", id="channels"),
+])
+def test_a_label_of_another_shape_or_channel_layout_is_refused(tmp_path, label_shape, problem):
+    image, label = _image_and_label(tmp_path, RAS_15, label_shape)
+    with pytest.raises(DataError) as error:
+        check_cases([{"image": image, "label": label}], in_channels=1, num_classes=2, check_values=False)
+    assert str(error.value) == f"{label}: {problem.format(image=image)}"
+
+
+def test_header_rounding_passes_and_channel_files_share_one_grid(tmp_path):
+    rounded = RAS_15 + np.full((4, 4), 2e-5) * np.array([1, 1, 1, 0])[:, None]  # float32 / qform round-off
+    image, label = _image_and_label(tmp_path, rounded)
+    assert check_cases([{"image": image, "label": label}], in_channels=1, num_classes=2) != []
+    second = tmp_path / "imagesTr" / "x_0001.nii.gz"
+    nib.save(nib.Nifti1Image(_volume(1), np.diag([1.5, 1.5, 3.0, 1.0])), second)
+    with pytest.raises(DataError) as error:
+        check_cases([{"image": [image, str(second)], "label": label}], in_channels=2, check_values=False)
+    assert str(error.value) == (f"{second}: geometry differs from the case's other channel {image} (this vs that): "
+                                "spacing (1.5, 1.5, 3.0) vs (1.5, 1.5, 1.5) mm")
+
+
+def test_two_dimensional_images_have_no_geometry_and_are_compared_by_shape(tmp_path):
+    from PIL import Image
+
+    image, label, small = tmp_path / "x.png", tmp_path / "x_label.png", tmp_path / "small_label.png"
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(image)
+    Image.fromarray(np.ones((6, 5), np.uint8)).save(label)
+    Image.fromarray(np.ones((6, 4), np.uint8)).save(small)
+    assert check_cases([{"image": str(image), "label": str(label)}], 3, num_classes=2, spatial_dims=2) != []
+    with pytest.raises(DataError, match=r"label shape \(6, 4\) does not match image shape \(6, 5\) of .*x.png"):
+        check_cases([{"image": str(image), "label": str(small)}], 3, num_classes=2, spatial_dims=2)
+
+
 # ---------------------------------------------------------------------------------- errors people can read
 def test_a_data_error_wrapped_by_monai_ends_in_its_own_message(tmp_path):
     file = _nifti(tmp_path / "slice.nii.gz", _volume(0, (8, 8)))

@@ -3,8 +3,9 @@
 
 Every problem is reported with the file it is in and what is wrong (an empty list, a missing or
 unreadable file, a wrong channel count or number of dimensions, image and label of different shapes,
-NaN, infinite or absurdly large intensities, label values outside the task's classes, two inputs whose
-predictions would get the same name), as one :class:`DataError` listing all of them, one line each.
+a label whose header places it elsewhere than its image (orientation, spacing, origin), NaN, infinite
+or absurdly large intensities, label values outside the task's classes, two inputs whose predictions
+would get the same name), as one :class:`DataError` listing all of them, one line each.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import DataError
 
-__all__ = ["DataError", "load_datalist", "check_cases", "image_shape", "output_stem", "INTENSITY_LIMIT"]
+__all__ = ["DataError", "load_datalist", "check_cases", "geometry_differences", "image_shape", "output_stem",
+           "INTENSITY_LIMIT", "GEOMETRY_TOLERANCE_MM", "DIRECTION_TOLERANCE"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,14 @@ def load_datalist(datalist_file: str, key: str, base_dir: str | None = None) -> 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def _load(path: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """``(shape, voxels)``; 2D image files (PNG, ...) through Pillow, everything else through nibabel.
+class _Opened(NamedTuple):
+    shape: tuple[int, ...]
+    data: np.ndarray | None  # None: header only
+    affine: np.ndarray | None  # None: a 2D image file (PNG, ...), which has no geometry
+
+
+def _load(path: str) -> _Opened:
+    """Shape, voxels and affine; 2D image files (PNG, ...) through Pillow, everything else through nibabel.
 
     A 2D file's shape is ``(height, width[, channels])``, a NIfTI's ``(x, y, z[, channels])``.
     """
@@ -69,18 +78,62 @@ def _load(path: str) -> tuple[tuple[int, ...], np.ndarray]:
 
             with Image.open(path) as image:
                 data = np.asarray(image)
-            return data.shape, data
+            return _Opened(data.shape, data, None)
         import nibabel as nib
 
         image = nib.load(path)
-        return tuple(image.shape), np.asanyarray(image.dataobj)
+        return _Opened(tuple(image.shape), np.asanyarray(image.dataobj), _affine(image))
     except Exception as e:  # nibabel and Pillow raise several types for bad files
         raise OSError(_unreadable(e)) from e
+
+
+def _affine(image) -> np.ndarray | None:
+    affine = getattr(image, "affine", None)
+    return None if affine is None else np.asarray(affine, dtype=np.float64)
 
 
 # Larger magnitudes are not intensities of any scanner or camera; float32 statistics over such
 # values (NormalizeIntensity's standard deviation) overflow to inf and the loss becomes NaN.
 INTENSITY_LIMIT = 1e6
+
+
+# Headers of the same grid written by different tools (nibabel, ITK, MONAI's writers; float32 fields,
+# qform quaternions) agree to about 1e-5 mm; a label that does not sit on its image differs by a flip,
+# another voxel size or a shift far beyond these.
+GEOMETRY_TOLERANCE_MM = 1e-3
+DIRECTION_TOLERANCE = 1e-3  # direction cosines, about 0.06 degrees
+
+
+def geometry_differences(affine: np.ndarray, reference: np.ndarray) -> list[str]:
+    """What differs between two voxel-to-world affines, ``affine``'s value first: ``orientation LPS vs RAS``,
+    ``direction ...``, ``spacing (1.0, 1.0, 1.0) vs (1.5, 1.5, 1.5) mm``, ``origin (...) vs (...) mm``;
+    empty when they agree within :data:`GEOMETRY_TOLERANCE_MM` and :data:`DIRECTION_TOLERANCE`."""
+    import nibabel as nib
+
+    affine, reference = np.asarray(affine, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    dims = min(affine.shape[0], reference.shape[0]) - 1
+    matrix, ref_matrix = affine[:dims, :dims], reference[:dims, :dims]
+    spacing, ref_spacing = np.linalg.norm(matrix, axis=0), np.linalg.norm(ref_matrix, axis=0)
+    differences = []
+    codes, ref_codes = "".join(map(str, nib.aff2axcodes(affine))), "".join(map(str, nib.aff2axcodes(reference)))
+    if codes != ref_codes:
+        differences.append(f"orientation {codes} vs {ref_codes}")
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cosines = np.sum(matrix * ref_matrix, axis=0) / (spacing * ref_spacing)
+        if not np.allclose(cosines, 1.0, rtol=0.0, atol=DIRECTION_TOLERANCE, equal_nan=True):
+            angle = float(np.degrees(np.nanmax(np.arccos(np.clip(cosines, -1.0, 1.0)))))
+            differences.append(f"direction of the axes differs by up to {angle:.2g} degrees")
+    if not np.allclose(spacing, ref_spacing, rtol=0.0, atol=GEOMETRY_TOLERANCE_MM):
+        differences.append(f"spacing {_mm(spacing)} vs {_mm(ref_spacing)} mm")
+    origin, ref_origin = affine[:dims, -1], reference[:dims, -1]
+    if not np.allclose(origin, ref_origin, rtol=0.0, atol=GEOMETRY_TOLERANCE_MM):
+        differences.append(f"origin {_mm(origin)} vs {_mm(ref_origin)} mm")
+    return differences
+
+
+def _mm(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
 
 
 def _unreadable(error: Exception) -> str:
@@ -100,6 +153,10 @@ def check_cases(
     skip_bad: bool = False,
 ) -> list[dict]:
     """Check every case of a data list before training or inference; returns the (good) cases.
+
+    An image's channel files and its label must share the spatial shape and, for NIfTI and other files
+    with a header affine, the orientation, spacing and origin (:func:`geometry_differences`; read from
+    the headers); 2D image files (PNG, ...) have no geometry and are compared by shape only.
 
     Args:
         items: cases with ``image`` (a file or a list of per-channel files) and optionally ``label``.
@@ -137,7 +194,7 @@ def check_cases(
     if found:
         raise DataError(_summary(found))
     checked = ", intensities and labels" if check_values else ""
-    logger.info(f"checked {len(items)} case(s): channels, dimensions, shapes{checked} ok.")
+    logger.info(f"checked {len(items)} case(s): channels, dimensions, shapes, geometry{checked} ok.")
     return list(items)
 
 
@@ -149,12 +206,12 @@ def _case_problems(item: dict, in_channels, allowed, check_values: bool, spatial
                    intensity_limit: float | None) -> list[str]:
     problems: list[str] = []
     images = item["image"] if isinstance(item["image"], list) else [item["image"]]
-    spatial, channels = None, 0
+    spatial, channels, first, first_affine = None, 0, None, None
     for file in images:
         opened = _open(file, check_values, problems)
         if opened is None:
             continue
-        shape, data = opened
+        shape = opened.shape
         if not spatial_dims <= len(shape) <= spatial_dims + 1:
             kind = "volumes" if spatial_dims == 3 else "images"
             problems.append(f"{file}: a {len(shape)}-d image of shape {tuple(shape)}, but this bundle expects "
@@ -165,9 +222,16 @@ def _case_problems(item: dict, in_channels, allowed, check_values: bool, spatial
             problems.append(
                 f"{file}: spatial shape {shape[:spatial_dims]} differs from the case's other channels {spatial}"
             )
+        if first_affine is None:
+            first, first_affine = file, opened.affine
+        elif opened.affine is not None:
+            differences = geometry_differences(opened.affine, first_affine)
+            if differences:
+                problems.append(f"{file}: geometry differs from the case's other channel {first} (this vs that): "
+                                + "; ".join(differences))
         channels += shape[spatial_dims] if len(shape) > spatial_dims else 1
-        if data is not None:
-            problems += _intensity_problems(file, data, intensity_limit)
+        if opened.data is not None:
+            problems += _intensity_problems(file, opened.data, intensity_limit)
     if in_channels is not None and channels and channels != in_channels:
         problems.append(f"{images[0]}: {channels} image channel(s), but the network expects {in_channels}")
     label = item.get("label")
@@ -176,13 +240,20 @@ def _case_problems(item: dict, in_channels, allowed, check_values: bool, spatial
     opened = _open(label, check_values, problems)
     if opened is None:
         return problems
-    shape, data = opened
+    shape = opened.shape
+    label_channels = int(np.prod(shape[spatial_dims:])) if len(shape) > spatial_dims else 1
     if spatial is not None and shape[:spatial_dims] != spatial:
-        problems.append(f"{label}: label shape {shape[:spatial_dims]} does not match image shape {spatial}")
-    elif len(shape) > spatial_dims and shape[spatial_dims] != 1:
-        problems.append(f"{label}: label has {shape[spatial_dims]} channels; expected one label map")
-    if data is not None and allowed is not None:
-        values = set(np.unique(data).tolist())
+        problems.append(f"{label}: label shape {shape[:spatial_dims]} does not match image shape {spatial} "
+                        f"of {images[0]}")
+    elif label_channels != 1:
+        problems.append(f"{label}: label has {label_channels} channels; expected one label map")
+    if first_affine is not None and opened.affine is not None:
+        differences = geometry_differences(opened.affine, first_affine)
+        if differences:
+            problems.append(f"{label}: label does not match its image {first} (label vs image): "
+                            + "; ".join(differences))
+    if opened.data is not None and allowed is not None:
+        values = set(np.unique(opened.data).tolist())
         if not values <= allowed:
             problems.append(
                 f"{label}: label values {sorted(values - allowed)} are outside the task's classes {sorted(allowed)}"
@@ -221,8 +292,9 @@ def _check_names(items: Sequence[dict], problems: list[list[str]]) -> None:
             first[stem] = file
 
 
-def _open(path: str, check_values: bool, problems: list[str]):
-    """``(shape, voxels or None)``, or None after noting why ``path`` cannot be opened."""
+def _open(path: str, check_values: bool, problems: list[str]) -> _Opened | None:
+    """The file's shape, voxels (None: ``check_values`` off) and affine, or None after noting why ``path``
+    cannot be opened."""
     try:
         return _load(path) if check_values else _header(path)
     except FileNotFoundError:
@@ -239,11 +311,11 @@ def image_shape(path: str) -> tuple[int, ...]:
         FileNotFoundError: no such file.
         OSError: the file is not a readable image (the message says why).
     """
-    return _header(path)[0]
+    return _header(path).shape
 
 
-def _header(path: str) -> tuple[tuple[int, ...], None]:
-    """``(shape, None)`` read from the file's header only."""
+def _header(path: str) -> _Opened:
+    """Shape and affine read from the file's header only (no voxels)."""
     if not Path(path).is_file():
         raise FileNotFoundError(path)
     try:
@@ -252,9 +324,10 @@ def _header(path: str) -> tuple[tuple[int, ...], None]:
 
             with Image.open(path) as image:
                 bands = len(image.getbands())
-                return (image.height, image.width) + ((bands,) if bands > 1 else ()), None
+                return _Opened((image.height, image.width) + ((bands,) if bands > 1 else ()), None, None)
         import nibabel as nib
 
-        return tuple(nib.load(path).shape), None
+        image = nib.load(path)
+        return _Opened(tuple(image.shape), None, _affine(image))
     except Exception as e:
         raise OSError(_unreadable(e)) from e

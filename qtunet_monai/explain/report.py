@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..bundle.checkpoints import read_checkpoint
+from ..bundle.errors import reported_cause
 from .ablation import ablate
 from .figures import distance_figure, slice_figure
 from .maps import (
@@ -303,6 +304,18 @@ def _class_names(parser, count: int) -> list[str]:
         return [f"class {i}" for i in range(count)]
 
 
+def _parsed(parser, id: str):
+    """``parser.get_parsed_content(id)``; a :class:`ReportedError` that MONAI wrapped (a ``DataError`` naming
+    a file) is raised as itself."""
+    try:
+        return parser.get_parsed_content(id)
+    except Exception as e:
+        reported = reported_cause(e)
+        if reported is None or reported is e:
+            raise
+        raise reported from None
+
+
 @torch.no_grad()
 def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testing",
                   checkpoint: str = "models/model.pt", device: str | None = None) -> list[dict]:
@@ -320,16 +333,21 @@ def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testi
         device: default: the bundle's device.
 
     Returns:
-        one row per evaluation (the first is the trained network): ``ablation``, ``blocks``, ``mean_dice``,
-        ``delta_mean_dice`` and the Dice per class.
+        one row per evaluation (the first is the trained network): ``ablation``, ``blocks``, ``split``,
+        ``cases`` (the image files scored), ``mean_dice``, ``delta_mean_dice`` and the Dice per class.
+
+    Raises:
+        DataError: the split is not in the data list, or its cases fail the bundle's data check.
     """
     from monai.metrics import DiceMetric
 
     network, parser = load_bundle_network(bundle_dir, checkpoint, config="train.json")
-    parser["validate"]["split"] = split
+    # set by id: the parser re-resolves the config; editing the parsed dict would leave the validation split
+    parser["validate#split"] = split
     run_on = torch.device(device) if device else parser.get_parsed_content("device")
     network = network.eval().to(run_on)
-    cases = parser.get_parsed_content("validate#datalist")
+    cases = _parsed(parser, "validate#dataset#data")  # the bundle's own data check of the split
+    scored = [c["image"] for c in cases]
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     inferer = parser.get_parsed_content("validate#inferer")
     postprocessing = parser.get_parsed_content("validate#postprocessing")
@@ -352,7 +370,7 @@ def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testi
             with ablate(network, [s for s in spec.split("+") if s]) as blocks:
                 scores = dice()
         mean = float(np.nanmean(scores))
-        row = {"ablation": spec or "none", "blocks": blocks, "mean_dice": mean,
+        row = {"ablation": spec or "none", "blocks": blocks, "split": split, "cases": scored, "mean_dice": mean,
                "delta_mean_dice": mean - rows[0]["mean_dice"] if rows else 0.0}
         row.update({f"dice {name}": s for name, s in zip(names[-len(scores):], scores)})
         rows.append(row)
