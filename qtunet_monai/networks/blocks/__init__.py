@@ -1,5 +1,14 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 from .attention import WindowAttention, WindowCrossAttention
+from .channel_transformer import (
+    CCT_PRESETS,
+    ChannelCrossAttention,
+    ChannelEmbedding,
+    ChannelGate,
+    ChannelTransformer,
+    ChannelTransformerLayer,
+)
+from .detail import DetailPath
 from .head import SegmentationHead
 from .patching import PatchEmbedding, PatchExpanding, PatchMerging
 from .transformer import (
@@ -16,9 +25,16 @@ from .transformer import (
 from .windows import WindowGeometry, relative_position_index, window_geometry
 
 __all__ = [
+    "CCT_PRESETS",
+    "ChannelCrossAttention",
+    "ChannelEmbedding",
+    "ChannelGate",
+    "ChannelTransformer",
+    "ChannelTransformerLayer",
     "DECODERS",
     "DecoderStage",
     "DecoderSubBlock",
+    "DetailPath",
     "EncoderStage",
     "PatchEmbedding",
     "PatchExpanding",

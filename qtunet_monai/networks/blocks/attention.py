@@ -60,6 +60,9 @@ class WindowAttention(nn.Module):
             backward pass on CPU. ``False`` or ``"explicit"``: matmul and softmax, the reference, which
             fvcore counts. All three compute the same function (padding tokens are attended to as zero
             tokens, as in Swin).
+        inner_dim: width of the queries, keys and values (all heads together); default ``dim``. A
+            narrower attention (the light branch of a conditional block) projects ``dim -> inner_dim``
+            and back.
     """
 
     def __init__(
@@ -70,21 +73,26 @@ class WindowAttention(nn.Module):
         spatial_dims: int,
         qkv_bias: bool = True,
         fused_attention: bool = True,
+        inner_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"token width {dim} is not divisible by the number of heads {num_heads}.")
+        inner_dim = dim if inner_dim is None else inner_dim
+        if inner_dim % num_heads:
+            raise ValueError(f"token width {inner_dim} is not divisible by the number of heads {num_heads}.")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = inner_dim // num_heads
+        self.inner_dim = inner_dim
+        self.window_size = window_size
+        self.spatial_dims = spatial_dims
         self.scale = self.head_dim**-0.5
         attention_backend(fused_attention)  # refuse an unknown backend now, not at the first forward
         self.fused_attention = fused_attention
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** spatial_dims, num_heads))
         self._init_projections(dim, qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(inner_dim, dim)
 
     def _init_projections(self, dim: int, qkv_bias: bool) -> None:
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
 
     def _split_heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         """``(b, N, parts * C)`` -> ``parts`` tensors of ``(b, heads, N, head_dim)``."""
@@ -95,6 +103,19 @@ class WindowAttention(nn.Module):
         """Queries, keys and values of windows ``x``, each ``(b, heads, N, head_dim)``."""
         q, k, v = self._split_heads(self.qkv(x), 3)
         return q, k, v
+
+    def project_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries of tokens ``x`` ``(b, n, C)`` alone, ``(b, heads, n, head_dim)`` (the first third of
+        the ``qkv`` projection; for attention between different token sets)."""
+        bias = self.qkv.bias[: self.inner_dim] if self.qkv.bias is not None else None
+        (q,) = self._split_heads(F.linear(x, self.qkv.weight[: self.inner_dim], bias), 1)
+        return q
+
+    def project_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens ``x`` ``(b, n, C)`` alone, each ``(b, heads, n, head_dim)``."""
+        bias = self.qkv.bias[self.inner_dim :] if self.qkv.bias is not None else None
+        k, v = self._split_heads(F.linear(x, self.qkv.weight[self.inner_dim :], bias), 2)
+        return k, v
 
     def relative_bias(self, geometry: WindowGeometry) -> torch.Tensor:
         """``(heads, N, N)`` bias for the windows of ``geometry``."""
@@ -189,10 +210,16 @@ class WindowCrossAttention(WindowAttention):
     """
 
     def _init_projections(self, dim: int, qkv_bias: bool) -> None:
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.q = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * self.inner_dim, bias=qkv_bias)
+
+    def project_queries(self, x: torch.Tensor) -> torch.Tensor:
+        (q,) = self._split_heads(self.q(x), 1)
+        return q
+
+    def project_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._split_heads(self.kv(x), 2)
+        return k, v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:  # type: ignore[override]
-        (q,) = self._split_heads(self.q(x), 1)
-        k, v = self._split_heads(self.kv(context), 2)
-        return self.attend(q, k, v, geometry)
+        return self.attend(self.project_queries(x), *self.project_keys_values(context), geometry)

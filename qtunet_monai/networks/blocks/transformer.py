@@ -62,17 +62,29 @@ class _WindowBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act="GELU")
+        # Conditional computation (CoLT5): blocks.conditional.attach_routing adds light branches and a
+        # BlockRouting; ``attn`` and ``mlp`` then become the heavy branches. None in a dense block.
+        self.router = None
+        self.light_attn = None
+        self.light_mlp = None
 
     def _windows(self, x: torch.Tensor, norm: nn.Module, geometry: WindowGeometry) -> torch.Tensor:
         return geometry.partition(norm(x))
 
     def _self_attention(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        """``x + DropPath(Attn(LN(x)))``."""
-        attended = self.attn(self._windows(x, self.norm1, geometry), geometry)
+        """``x + DropPath(Attn(LN(x)))``; conditional: ``Attn = LightAttn + routed HeavyAttn``."""
+        windows = self._windows(x, self.norm1, geometry)
+        if self.router is not None and self.router.route_attn:
+            attended = self.router.attention(self.attn, self.light_attn, windows, windows, geometry)
+        else:
+            attended = self.attn(windows, geometry)
         return x + self.drop_path(geometry.reverse(attended, x.shape[0]))
 
-    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """``DropPath(MLP(LN(x)))``, to be added to ``x``."""
+    def _mlp_residual(self, x: torch.Tensor, geometry: WindowGeometry | None = None) -> torch.Tensor:
+        """``DropPath(MLP(LN(x)))``, to be added to ``x``; conditional: ``MLP = LightMLP + routed
+        HeavyMLP`` (``geometry``: the windows of per-window routing)."""
+        if self.router is not None and self.router.route_mlp:
+            return self.drop_path(self.router.feed_forward(self.mlp, self.light_mlp, self.norm2(x), geometry))
         return self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -85,10 +97,13 @@ class SwinSubBlock(_WindowBlock):
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         x = self._self_attention(x, geometry)
-        return x + self._mlp_residual(x)
+        return x + self._mlp_residual(x, geometry)
 
     def forward_with_kv(self, x: torch.Tensor, geometry: WindowGeometry):
         """As :meth:`forward`, also returning this block's keys and values (for the VT decoder)."""
+        if self.router is not None:
+            raise ValueError("a conditional (routed) block computes keys/values of routed tokens only; the VT "
+                             "decoder, which reads all the encoder's keys/values, cannot use it.")
         q, k, v = self.attn.project_qkv(self._windows(x, self.norm1, geometry))
         x = x + self.drop_path(geometry.reverse(self.attn.attend(q, k, v, geometry), x.shape[0]))
         return x + self._mlp_residual(x), (k, v)
@@ -132,7 +147,7 @@ class SwinDecoderSubBlock(DecoderSubBlock):
         skip_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = self._self_attention(x, geometry)
-        return x + self._mlp_residual(x)
+        return x + self._mlp_residual(x, geometry)
 
 
 class QTDecoderSubBlock(DecoderSubBlock):
@@ -159,6 +174,7 @@ class QTDecoderSubBlock(DecoderSubBlock):
         self.cross_attn = WindowCrossAttention(
             dim, num_heads, window_size, spatial_dims, fused_attention=fused_attention
         )
+        self.light_cross = None  # the light cross-attention of a conditional block with routed cross-attention
 
     def forward(
         self,
@@ -170,8 +186,12 @@ class QTDecoderSubBlock(DecoderSubBlock):
         x = self._self_attention(x, geometry)
         queries = self._windows(x, self.norm_query, geometry)
         keys_values = self._windows(skip, self.norm_context, geometry)
-        x = x + self.drop_path(geometry.reverse(self.cross_attn(queries, keys_values, geometry), x.shape[0]))
-        return x + self._mlp_residual(x)
+        if self.router is not None and self.router.route_cross:
+            attended = self.router.attention(self.cross_attn, self.light_cross, queries, keys_values, geometry, True)
+        else:
+            attended = self.cross_attn(queries, keys_values, geometry)
+        x = x + self.drop_path(geometry.reverse(attended, x.shape[0]))
+        return x + self._mlp_residual(x, geometry)
 
 
 @functools.lru_cache(maxsize=32)

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import get_window_size, window_partition, window_reverse
 
-__all__ = ["WindowGeometry", "window_geometry", "relative_position_index", "shift_regions", "region_mask", "MASK_VALUE"]
+__all__ = [
+    "WindowGeometry",
+    "window_geometry",
+    "window_validity",
+    "relative_position_index",
+    "shift_regions",
+    "region_mask",
+    "MASK_VALUE",
+]
 
 #: Swin's additive mask value between shifted regions (as MONAI's ``compute_mask``): large and
 #: negative but finite, so it stays finite in fp16 and never produces a fully masked row.
@@ -154,6 +162,34 @@ def shift_regions(padded_shape, window_size, shift_size, device) -> torch.Tensor
         view[axis] = size
         regions = regions * 3 + per_axis.view(view)
     return window_partition(regions[None, ..., None], window_size).squeeze(-1)
+
+
+def _build_validity(spatial_shape, padded_shape, window_size, shift_size, device) -> torch.Tensor:
+    grid = F.pad(torch.ones(spatial_shape, dtype=torch.long, device=device), _end_pads(spatial_shape, padded_shape))
+    if any(shift_size):
+        grid = torch.roll(grid, shifts=tuple(-s for s in shift_size), dims=tuple(range(len(shift_size))))
+    return window_partition(grid[None, ..., None], window_size).squeeze(-1) > 0
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_validity(spatial_shape, padded_shape, window_size, shift_size, device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_validity(spatial_shape, padded_shape, window_size, shift_size, device)
+
+
+def window_validity(geometry: WindowGeometry) -> torch.Tensor | None:
+    """``(num_windows, N)`` bool: True at the window positions that hold a token of the map, False at
+    padding; None when the map is not padded. Every window holds at least one token (padding is
+    narrower than a window on every axis). Cached per geometry; built in the graph under a tracer or
+    ``torch.compile`` (as :func:`window_geometry`). Only the conditional blocks read it, so the dense
+    network's graph does not change."""
+    if not geometry.is_padded:
+        return None
+    shapes = (geometry.spatial_shape, geometry.padded_shape, geometry.window_size, geometry.shift_size)
+    device = geometry.relative_index.device
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _build_validity(*shapes, device)
+    return _cached_validity(*(tuple(int(s) for s in shape) for shape in shapes), device)
 
 
 def region_mask(regions: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..blocks.channel_transformer import ChannelGate, ChannelTransformer, common_grid_factors, resolve_cct_options
+from ..blocks.conditional import attach_routers, resolve_routing
+from ..blocks.conditional import set_capacity as _set_capacity
+from ..blocks.detail import DetailPath
 from ..blocks.head import SegmentationHead
 from ..blocks.patching import PatchEmbedding, PatchExpanding, PatchMerging
 from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage
@@ -27,6 +31,17 @@ ARCHITECTURES: dict[str, dict] = {
     "VT-UNet-A": {"spatial_dims": 3, "merge_depth": True, "decoder": "vt"},
     "QT-UNet-2D": {"spatial_dims": 2, "merge_depth": True, "decoder": "qt"},
     "QT-UNet-2D-A": {"spatial_dims": 2, "merge_depth": True, "decoder": "none"},
+    # UCTransNet's channel-wise skips (CCT and CCA gates, ``skip="cct"``) on the QT-UNet family; the 2D
+    # Swin U-Net without decoder cross-attention is the closest analogue of UCTransNet itself
+    "QT-UNet-CCT": {"spatial_dims": 3, "merge_depth": True, "decoder": "qt", "skip": "cct"},
+    "QT-UNet-2D-CCT": {"spatial_dims": 2, "merge_depth": True, "decoder": "qt", "skip": "cct"},
+    "Swin-UNet-2D-CCT": {"spatial_dims": 2, "merge_depth": True, "decoder": "none", "skip": "cct"},
+    # conditional light/heavy Swin blocks (CoLT5; seed 003's Conditional Swin U-Net, ``router=``); the 2D
+    # Swin U-Net without decoder cross-attention is the seed's own layout within the family
+    "QT-UNet-Cond": {"spatial_dims": 3, "merge_depth": True, "decoder": "qt", "router": "light", "capacity": 0.25},
+    "QT-UNet-2D-Cond": {"spatial_dims": 2, "merge_depth": True, "decoder": "qt", "router": "light", "capacity": 0.25},
+    "Swin-UNet-2D-Cond": {"spatial_dims": 2, "merge_depth": True, "decoder": "none", "router": "light",
+                          "capacity": 0.25},
 }
 
 
@@ -196,12 +211,28 @@ class QTUNet(_Encoder):
     cross-attention normalises its key/value source with its own LayerNorm; with
     ``merge_depth=False`` the depth axis is MONAI's last spatial axis.
 
+    Detail path (``detail_widths``, e.g. ``(16, 32)``; :class:`~qtunet_monai.networks.blocks.detail.DetailPath`):
+    residual conv blocks on the input at full (and 1/2, ...) resolution replace the head's linear
+    expansion: the last decoder stage is upsampled through them to the input grid, so thin structures
+    are decided on full-resolution features (SwinUNETR's ``encoder1``/``decoder1`` role).
+
     Deep supervision (``deep_supervision=True``) adds an auxiliary head (LayerNorm and pointwise
-    classifier) on each decoder stage but the last. In training the network then returns a list: the
-    full-size logits first, then the auxiliary logits from the finest to the coarsest decoder stage,
-    each on its stage's token grid (``ceil(spatial / (patch_size * 2^i))``), which is what
-    ``monai.losses.DeepSupervisionLoss`` takes (it resizes the label to each). In eval mode, and while
-    traced for export, it returns the plain logits.
+    classifier) on each decoder stage but the last (with the detail path, on every decoder stage). In
+    training the network then returns a list: the full-size logits first, then the auxiliary logits
+    from the finest to the coarsest decoder stage, each on its stage's token grid
+    (``ceil(spatial / (patch_size * 2^i))``), which is what ``monai.losses.DeepSupervisionLoss`` takes
+    (it resizes the label to each). In eval mode, and while traced for export, it returns the plain logits.
+
+    UCTransNet's channel-wise skips (``skip="cct"``; :mod:`~qtunet_monai.networks.blocks.channel_transformer`):
+    a channel-wise cross fusion transformer (CCT) over all encoder skips adds, to each skip, what its
+    channels gather from the channels of every scale on a common token grid; a channel-wise cross
+    attention gate (CCA, ``cca``) in each decoder step scales the skip per channel from the global
+    averages of the skip and the expanded decoder tokens. The gated skip feeds the concat projection
+    and (``cca_for_cross_attention``) the QT cross-attention's keys/values; the VT decoder attends to the
+    encoder's own keys/values, so there only the concat path changes. The CCT's last projection starts
+    at zero: ``QTUNet(skip="cct", cca=False)`` loaded with a plain network's weights computes the plain
+    network's output until it trains. The new parameters live under ``skip_fusion.`` and ``skip_gates.``
+    only; ``skip="concat"`` builds neither.
 
     Args:
         in_channels: input channels.
@@ -227,6 +258,40 @@ class QTUNet(_Encoder):
         shift_size: cyclic shift of the shifted windows; default ``window_size // 2``.
         num_stages: encoder (and decoder) stages around the bottleneck: 3 in the thesis, 4 adds one.
         deep_supervision: auxiliary heads on the decoder stages (see above).
+        detail_widths: channels of the detail path's conv levels, finest first (``(16,)``: full
+            resolution; ``(16, 32)``: full and 1/2); empty (default): no detail path, the thesis' head.
+        skip: ``"concat"`` (the thesis' skips) or ``"cct"`` (UCTransNet's CCT on the skips). The
+            ``cct_*`` arguments apply only with ``"cct"`` and must be left unset otherwise.
+        cct_preset: ``"full"`` (default; UCTransNet: 4 layers, 4 heads, convolutional embedding, MLP
+            ratio 4) or ``"lite"`` (1 layer, 1 head, average-pooled embedding).
+        cct_layers: CCT layers, overriding the preset's.
+        cct_heads: channel-attention heads (each of full width), overriding the preset's.
+        cct_embedding: ``"conv"`` (kernel = stride = patch, ``prod(patch) C_i^2`` weights per scale) or
+            ``"pool"`` (average pooling and ``Linear(C_i, C_i)``), overriding the preset's.
+        cct_grid: the common token grid: ``"bottleneck"`` (default, UCTransNet's rule) or
+            ``"deepest_skip"`` (8x the tokens in 3D; for small ROIs).
+        cct_position: position information on the grid: ``"conv"`` (default; a zero-initialised
+            depthwise convolution), ``"sine"`` (fixed sinusoidal) or ``"none"``.
+        cca: the CCA gate in each decoder step; default: on with ``skip="cct"``, off with ``"concat"``
+            (``cca=True`` with ``"concat"`` is UCTransNet's gate-only ablation).
+        cca_for_cross_attention: the QT cross-attention reads the gated skip (default); False: the
+            skip before the gate (the CCT's output with ``"cct"``). Only with ``cca``.
+        router: None (dense, default), ``"light"`` or ``"iterative"``: conditional sub-blocks (CoLT5, seed
+            003; :mod:`~qtunet_monai.networks.blocks.conditional`): a light attention / MLP over all tokens
+            plus the block's own attention / MLP (same names, so dense weights load: "upcycling") over the
+            tokens the router picks per window (attention) and per volume or window (MLP). The light
+            outputs start at zero, so at capacity 1 a conditional network computes its dense weights'
+            network. The ``router_*`` arguments and ``capacity`` apply only with a router. ``decoder="vt"``
+            refuses one.
+        capacity: routed fraction (default 0.25), or ``{"q": .., "kv": .., "ff": ..}``; changeable after
+            training by :meth:`set_capacity`.
+        router_sites: parts made conditional, default ``("encoder", "bottleneck", "decoder")`` (self-attention
+            and MLP of each); ``"encoder.attn"``, ``"decoder.mlp"``, ... name one sub-layer, and
+            ``"decoder.cross"`` routes the QT cross-attention too (dense unless named).
+        router_weighting: ``"st"`` (straight-through, default), ``"soft"`` or ``"softmax"`` (the seed's).
+        router_options: ``ff_group``, ``light_heads_ratio``, ``light_mlp_ratio``, ``null_kv`` and the iterative
+            router's ``n_iters``, ``eps``, ``eps_init``, ``eps_decay``, ``fetch_k_ratio``
+            (see :func:`~qtunet_monai.networks.blocks.conditional.resolve_routing`).
     """
 
     def __init__(
@@ -247,11 +312,28 @@ class QTUNet(_Encoder):
         shift_size: int | None = None,
         num_stages: int = 3,
         deep_supervision: bool = False,
+        detail_widths: Sequence[int] = (),
+        skip: str = "concat",
+        cct_preset: str | None = None,
+        cct_layers: int | None = None,
+        cct_heads: int | None = None,
+        cct_embedding: str | None = None,
+        cct_grid: str | None = None,
+        cct_position: str | None = None,
+        cca: bool | None = None,
+        cca_for_cross_attention: bool = True,
+        router: str | None = None,
+        capacity: float | dict | None = None,
+        router_sites: Sequence[str] | str | None = None,
+        router_weighting: str | None = None,
+        router_options: dict | None = None,
     ) -> None:
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}.")
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}.")
+        cct_options = resolve_cct_options(skip, cct_preset, cct_layers, cct_heads, cct_embedding, cct_grid, cct_position)
+        routing = resolve_routing(router, capacity, router_sites, router_weighting, router_options, decoder)
         super().__init__(
             in_channels, spatial_dims, feature_size, window_size, patch_size, merge_depth, num_stages, num_heads,
             drop_path_rate, use_checkpoint, fused_attention, variant, shift_size,
@@ -270,35 +352,84 @@ class QTUNet(_Encoder):
             )
             for i in levels
         )
-        self.head = SegmentationHead(widths[0], out_channels, spatial_dims, patch_size, use_checkpoint)
-        # auxiliary heads from the finest decoder stage but the last (2C) to the coarsest; none without deep supervision
+        self.detail_widths = tuple(detail_widths)
+        if self.detail_widths:
+            self.detail_path = DetailPath(in_channels, widths[0], out_channels, spatial_dims, patch_size,
+                                          self.detail_widths, use_checkpoint=use_checkpoint)
+        else:
+            self.head = SegmentationHead(widths[0], out_channels, spatial_dims, patch_size, use_checkpoint)
+        # auxiliary heads, finest first: on every decoder stage but the one feeding the head (from 2C), or on
+        # every stage (from C) when the detail path takes the output to full resolution; none without deep supervision
+        first_aux = 0 if self.detail_widths else 1
         self.aux_heads = nn.ModuleList(
-            SegmentationHead(widths[i], out_channels, spatial_dims) for i in range(1, num_stages) if deep_supervision
+            SegmentationHead(widths[i], out_channels, spatial_dims) for i in range(first_aux, num_stages)
+            if deep_supervision
         )
-        for part in (self.expansions, self.skip_projections, self.decoder_stages, self.head, self.aux_heads):
+        output = self.detail_path if self.detail_widths else self.head
+        for part in (self.expansions, self.skip_projections, self.decoder_stages, output, self.aux_heads):
             part.apply(_init_weights)  # the encoder's parts were initialised by _Encoder
+        # UCTransNet's skips, built last and under new names: the plain network's parameters, their names and
+        # their random initialisation stay those of skip="concat", and its state dict loads with only these missing
+        self.skip_type = skip
+        self.cct_options = cct_options
+        self.cca = (skip == "cct") if cca is None else bool(cca)
+        self.cca_for_cross_attention = bool(cca_for_cross_attention)
+        self.skip_fusion: ChannelTransformer | None = None
+        self.skip_gates: nn.ModuleList | None = None
+        if cct_options is not None:
+            options = dict(cct_options)
+            factors = common_grid_factors(self.merge_factors, num_stages, options.pop("grid"))
+            self.skip_fusion = ChannelTransformer(widths[:num_stages], factors, spatial_dims, **options,
+                                                  use_checkpoint=use_checkpoint)
+        if self.cca:
+            self.skip_gates = nn.ModuleList(ChannelGate(widths[i]) for i in levels)  # deep to shallow
+        # conditional blocks, attached last: the dense parameters keep their names and initialisation
+        self.router_type = router
+        self.routing = routing
+        if routing is not None:
+            attach_routers({
+                "encoder": [block for stage in self.encoder_stages for block in stage.blocks],
+                "bottleneck": list(self.bottleneck.blocks),
+                "decoder": [block for stage in self.decoder_stages for block in stage.blocks],
+            }, routing)
+
+    def set_capacity(self, capacity: float | dict) -> None:
+        """Set the routed fraction of every conditional sub-block (e.g. at inference; CoLT5's
+        ``num_heavy_tokens``): a fraction in [0, 1] or a dict of some of ``"q"``, ``"kv"``, ``"ff"``."""
+        if self.routing is None:
+            raise ValueError("set_capacity needs a conditional network (QTUNet(router='light' or 'iterative')).")
+        _set_capacity(self, capacity)
 
     def forward_decoder(self, features: EncoderFeatures) -> list[torch.Tensor]:
         """The output tokens of every decoder stage, deep to shallow (the last one feeds the head)."""
         tokens, outputs = features.bottleneck, []
-        for level, expand, project, stage in zip(
+        skips = features.skips if self.skip_fusion is None else self.skip_fusion(features.skips)
+        for step, (level, expand, project, stage) in enumerate(zip(
             reversed(range(self.num_stages)), self.expansions, self.skip_projections, self.decoder_stages
-        ):
-            skip = features.skips[level]
+        )):
+            skip = skips[level]
             tokens = expand(tokens, skip.shape[1:-1])
+            context = skip  # what the QT cross-attention reads
+            if self.skip_gates is not None:
+                skip = self.skip_gates[step](skip, tokens)
+                context = skip if self.cca_for_cross_attention else context
             tokens = project(torch.cat([tokens, skip], dim=-1))
-            tokens = stage(tokens, skip, features.keys_values[level] if features.keys_values is not None else None)
+            tokens = stage(tokens, context, features.keys_values[level] if features.keys_values is not None else None)
             outputs.append(tokens)
         return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         decoded = self.forward_decoder(self.forward_features(x))
-        logits = self.head(decoded[-1], x.shape[2:])
+        if self.detail_widths:
+            logits = self.detail_path(x, decoded[-1])
+        else:
+            logits = self.head(decoded[-1], x.shape[2:])
         if not self._returns_deep_supervision():
             return logits
-        coarser = reversed(decoded[:-1])  # finest first, as DeepSupervisionLoss weights them 1, 1/2, 1/4, ...
-        return [logits] + [head(tokens) for head, tokens in zip(self.aux_heads, coarser)]
+        # finest first, as DeepSupervisionLoss weights them 1, 1/2, 1/4, ...
+        supervised = reversed(decoded if self.detail_widths else decoded[:-1])
+        return [logits] + [head(tokens) for head, tokens in zip(self.aux_heads, supervised)]
 
     def _returns_deep_supervision(self) -> bool:
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
