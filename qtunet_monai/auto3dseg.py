@@ -398,7 +398,7 @@ def train(config_file, **override) -> float:
     Auto3DSeg ranks with) under ``ckpt_path``. Returns the best validation mean Dice."""
     from ignite.engine import Events
 
-    from .bundle import BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss
+    from .bundle import BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss, TrainingTimeBudget
 
     if override:
         _save_overrides(config_file, override)
@@ -414,6 +414,8 @@ def train(config_file, **override) -> float:
                      resume=bool(parser.get_parsed_content("resume")), save=rank == 0,
                      evaluator=evaluator).attach(trainer)
     StopOnNonFiniteLoss().attach(trainer)
+    TrainingTimeBudget(float(parser.get("time_budget_min", 0) or 0), evaluator, str(ckpt / "training_time.json"),
+                       save=rank == 0).attach(trainer)
     progress: list[dict] = []
 
     validations: list[int] = []  # on every rank; progress only on rank 0

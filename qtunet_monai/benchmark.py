@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .bundle.distributed import process_device
+from .bundle.presets import network_options
 from .networks import QTUNet
 
 __all__ = ["MODELS", "SCENARIOS", "build_model", "run_benchmark", "bench"]
@@ -73,6 +74,8 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "qtunet-tiny": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="tiny"),
     "qtunet-small": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="small"),
     "qtunet-base": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="base"),
+    # QT-UNet-T with the network options of the bundles' ``--preset accurate``
+    "qtunet-tiny-accurate": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="tiny", **network_options("accurate")),
     "swinunetr": _swinunetr,
     "unetr": _unetr,
     "segresnet": _segresnet,
@@ -400,8 +403,8 @@ def bench(
     """Benchmark QT-UNet T/S/B against MONAI's SwinUNETR (feature size 48), UNETR, SegResNet and UNet.
 
     Args:
-        models: comma-separated names from qtunet-tiny, qtunet-small, qtunet-base, swinunetr, unetr,
-            segresnet, unet.
+        models: comma-separated names from qtunet-tiny, qtunet-small, qtunet-base, qtunet-tiny-accurate
+            (``--preset accurate``'s network), swinunetr, unetr, segresnet, unet.
         scenarios: comma-separated from infer96, infer128, train64, train96, train128, sliding128.
         repeats: timed repeats per model (after one warm-up), alternating between models; the
             whole-volume sliding window is timed once.

@@ -16,7 +16,8 @@ import torch
 
 from .networks import ARCHITECTURES, QTUNet, build_architecture
 
-__all__ = ["ComplexityTarget", "THESIS_TARGETS", "count_parameters", "count_flops", "complexity_table"]
+__all__ = ["ComplexityTarget", "THESIS_TARGETS", "OPTION_ROWS", "count_parameters", "count_flops", "complexity_table",
+           "option_table"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,16 @@ THESIS_TARGETS: tuple[ComplexityTarget, ...] = (
 )
 
 VARIANT_ORDER = ("tiny", "small", "base")
+
+#: the network options beyond the thesis on the thesis' inputs: (label, architecture, in, out, roi, QTUNet arguments)
+OPTION_ROWS: tuple[tuple[str, str, int, int, int, dict], ...] = (
+    ("detail path 16-32", "QT-UNet", 4, 3, 128, {"detail_widths": (16, 32)}),
+    ("detail path 12-24", "QT-UNet", 4, 3, 128, {"detail_widths": (12, 24)}),
+    ("CCT full", "QT-UNet", 4, 3, 128, {"skip": "cct", "cct_preset": "full"}),
+    ("CCT lite", "QT-UNet", 4, 3, 128, {"skip": "cct", "cct_preset": "lite"}),
+    ("CCT full", "QT-UNet-2D", 3, 20, 1024, {"skip": "cct", "cct_preset": "full"}),
+    ("CCT lite", "QT-UNet-2D", 3, 20, 1024, {"skip": "cct", "cct_preset": "lite"}),
+)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -114,3 +125,27 @@ def complexity_table(
             rows.append(row)
             del model
     return rows
+
+
+def option_table(variants: Sequence[str] = ("tiny", "base"), flops: bool = True,
+                 rows: Sequence[tuple] = OPTION_ROWS) -> list[dict]:
+    """Parameters and GFLOPs of the options beyond the thesis (:data:`OPTION_ROWS`), each next to the plain
+    network of the same variant on the same input (no thesis figure exists for them)."""
+    def counted(architecture, in_channels, out_channels, shape, variant, **kwargs) -> tuple[float, float | None]:
+        model = build_architecture(architecture, in_channels, out_channels, variant, **kwargs)
+        return count_parameters(model) / 1e6, count_flops(model, shape) / 1e9 if flops else None
+
+    measured, plain = [], {}
+    for label, architecture, in_channels, out_channels, roi, options in rows:
+        for variant in variants:
+            spatial_dims = ARCHITECTURES[architecture]["spatial_dims"]
+            shape = (1, in_channels) + (roi,) * spatial_dims
+            key = (architecture, in_channels, out_channels, roi, variant)
+            if key not in plain:
+                plain[key] = counted(architecture, in_channels, out_channels, shape, variant)
+            params, gflops = counted(architecture, in_channels, out_channels, shape, variant, **options)
+            measured.append({"option": label, "architecture": architecture, "variant": variant,
+                             "input": f"{in_channels} x {roi}^{spatial_dims} -> {out_channels}",
+                             "params_m": params, "plain_params_m": plain[key][0],
+                             "gflops": gflops, "plain_gflops": plain[key][1]})
+    return measured

@@ -34,6 +34,7 @@ __all__ = [
     "shift",
     "deterministic_transforms",
     "random_transforms",
+    "extra_augmentation",
     "loss",
     "activation",
     "discretise",
@@ -239,6 +240,24 @@ def deterministic_transforms(
 def random_transforms(crop: Crop, augment: Sequence[dict]) -> list[dict]:
     """The training crop, then the augmentations."""
     return [crop.transform(), *[dict(t) for t in augment]]
+
+
+def extra_augmentation(spatial_dims: int, modality: str) -> list[dict]:
+    """Augmentations beyond a task's own, each switched by a config flag (``@intensity_augmentation``,
+    ``@spatial_augmentation``; off in the thesis' recipe), after the crop: nnU-Net-style intensity
+    changes (gamma, noise and, for MRI, a bias field) and a small random rotation and scaling."""
+    intensity_off, spatial_off = "$not @intensity_augmentation", "$not @spatial_augmentation"
+    steps = [{"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5],
+              "_disabled_": intensity_off},
+             {"_target_": "RandGaussianNoised", "keys": "image", "prob": 0.15, "std": 0.1, "_disabled_": intensity_off}]
+    if modality == "MR":
+        steps.insert(0, {"_target_": "RandBiasFieldd", "keys": "image", "prob": 0.3, "coeff_range": [0.0, 0.3],
+                         "_disabled_": intensity_off})
+    rotate = [0.26] * (3 if spatial_dims == 3 else 1)  # 15 degrees about each axis
+    steps.append({"_target_": "RandAffined", "keys": ["image", "label"], "prob": 0.3, "rotate_range": rotate,
+                  "scale_range": [0.15] * spatial_dims, "mode": ["bilinear", "nearest"], "padding_mode": "zeros",
+                  "_disabled_": spatial_off})
+    return steps
 
 
 # ------------------------------------------------------------------------ loss, outputs and metrics

@@ -321,3 +321,19 @@ def test_template_training_under_torchrun_with_gloo(tmp_path):
     progress = yaml.safe_load((algo / "model" / "progress.yaml").read_text())
     assert len(progress) == 1 and 0.0 <= progress[0]["best_avg_dice_score"] <= 1.0
     assert (algo / "model" / "model.pt").is_file()
+
+
+def test_template_presets_and_network_options_reach_the_network(tmp_path):
+    """The bundles' --preset, --detail_widths and --skip are hyper-parameters of the template too."""
+    from qtunet_monai.auto3dseg import load_config
+    from qtunet_monai.bundle import PRESETS
+
+    algo = _template_copy(tmp_path)
+    configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
+    thesis = load_config(configs, input_channels=1, output_classes=3).get_parsed_content("network")
+    assert thesis.detail_widths == () and thesis.skip_type == "concat"
+    accurate = load_config(configs, input_channels=1, output_classes=3, preset="accurate").get_parsed_content("network")
+    assert list(accurate.detail_widths) == PRESETS["accurate"]["detail_widths"]
+    cct = load_config(configs, input_channels=1, output_classes=3, skip="cct", cct_preset="lite",
+                      detail_widths=[8]).get_parsed_content("network")
+    assert cct.skip_type == "cct" and cct.detail_widths == (8,) and cct.skip_fusion is not None

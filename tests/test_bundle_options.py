@@ -307,7 +307,7 @@ def test_deep_supervision_loss_equals_the_plain_loss_when_the_auxiliary_weights_
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    parser = _parsed(DEMO / "configs" / "train.json", deep_supervision=True)
+    parser = _parsed(DEMO / "configs" / "train.json", preset="thesis", deep_supervision=True)
     net, loss, plain = (parser.get_parsed_content(k) for k in ("network_def", "training_loss", "loss"))
     x = torch.randn(1, 1, 56, 56, 56)
     label = torch.randint(0, 4, (1, 1, 56, 56, 56)).float()
@@ -323,7 +323,7 @@ def test_deep_supervision_loss_equals_the_plain_loss_when_the_auxiliary_weights_
         torch.testing.assert_close(loss(outputs, label), expected)
         assert net.eval()(x).shape == (1, 4, 56, 56, 56)  # inference: the main output only
     default = _parsed(DEMO / "configs" / "train.json")
-    assert default.get_parsed_content("training_loss") is default.get_parsed_content("loss")  # the thesis' loss
+    assert default.get_parsed_content("training_loss") is default.get_parsed_content("loss")  # the presets' loss
 
 
 def test_num_stages_and_patch_size_are_bundle_overrides():

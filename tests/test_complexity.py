@@ -108,3 +108,22 @@ def test_cli_table_writes_json(tmp_path):
     assert len(table_rows) == 1 + len(THESIS_TARGETS)  # header plus one row per target
     for row in rows:
         assert row["params_m"] == pytest.approx(row["target_params_m"], rel=0.01)
+
+
+def test_cli_info_and_the_option_table_count_the_detail_path_and_cct():
+    pytest.importorskip("fvcore")
+    from qtunet_monai.complexity import option_table
+
+    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--detail_widths",
+           "8,16", "--skip", "cct", "--cct_preset", "lite"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    net = QTUNet(1, 3, detail_widths=(8, 16), skip="cct", cct_preset="lite")
+    assert result["detail_widths"] == [8, 16] and result["skip"] == "cct"
+    assert result["params_m"] == round(count_parameters(net) / 1e6, 3)
+    assert result["gflops"] == round(count_flops(net, (1, 1, 32, 32, 32)) / 1e9, 2)
+    plain = QTUNet(1, 3)
+    (row,) = option_table(["tiny"], rows=[("detail", "QT-UNet", 1, 3, 32, {"detail_widths": (8, 16)})])
+    assert row["plain_params_m"] == count_parameters(plain) / 1e6
+    assert row["gflops"] == count_flops(QTUNet(1, 3, detail_widths=(8, 16)), (1, 1, 32, 32, 32)) / 1e9
+    assert row["gflops"] > row["plain_gflops"]  # full-resolution convolutions cost FLOPs

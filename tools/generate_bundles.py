@@ -24,6 +24,7 @@ from pathlib import Path
 
 import qtunet_monai
 from qtunet_monai import pipeline
+from qtunet_monai.bundle.presets import NETWORK_KEYS, PRESETS
 from qtunet_monai.tasks import TASKS, Task
 
 __all__ = ["render_bundle", "write_bundles", "check_bundles", "main"]
@@ -120,9 +121,12 @@ def _options(task: Task) -> dict:
     """The inference and cross-validation switches of train.json and inference.json (thesis recipe: all off)."""
     foreground = list(range(task.num_classes)) if task.sigmoid else list(range(1, task.num_classes))
     return {
-        "num_stages": 3,
-        "patch_size": 4,
-        "deep_supervision": False,
+        # --preset: the network options and recipe of qtunet_monai.bundle.PRESETS; an explicit override of a key wins
+        "preset": task.preset,
+        **{key: f"$qtunet_bundle.preset(@preset)[{key!r}]" for key in PRESET_NETWORK_KEYS},
+        # UCTransNet's channel-wise skips: --skip cct --cct_preset lite (or full)
+        "skip": "concat",
+        "cct_preset": None,
         "tta": False,
         "sw_mode": pipeline.SW_MODE,
         "keep_largest": False,
@@ -136,6 +140,11 @@ def _options(task: Task) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- configs
+# the preset keys every config needs (the network's); the training recipe's are in train.json only
+PRESET_NETWORK_KEYS = NETWORK_KEYS
+PRESET_RECIPE_KEYS = tuple(k for k in PRESETS["thesis"] if k not in NETWORK_KEYS)
+
+
 # every config may import these; _prune_imports keeps the ones its expressions use
 IMPORTS = ["$import qtunet_monai.bundle as qtunet_bundle", "$import qtunet_monai.ssl as qtunet_ssl"]
 
@@ -177,7 +186,8 @@ def _network_def(task: Task, train: bool) -> dict:
         net["pixdim"] = "@pixdim"
     # the auxiliary heads exist in inference too, so that a deep-supervised checkpoint loads (eval mode
     # returns the main output only)
-    net.update({"num_stages": "@num_stages", "patch_size": "@patch_size", "deep_supervision": "@deep_supervision"})
+    net.update({"num_stages": "@num_stages", "patch_size": "@patch_size", "deep_supervision": "@deep_supervision",
+                "detail_widths": "@detail_widths", "skip": "@skip", "cct_preset": "@cct_preset"})
     if train:
         net["drop_path_rate"] = task.drop_path_rate
     net["use_checkpoint"] = False
@@ -213,22 +223,29 @@ def train_config(task: Task) -> dict:
         "network": "$@network_def.to(@device)",
         **_compiled_network(),
         **_options(task),
+        **{key: f"$qtunet_bundle.preset(@preset)[{key!r}]" for key in PRESET_RECIPE_KEYS},
+        "seed": 123,
+        # wall-time budget in minutes (0: none): the run stops at the epoch end before it would overrun
+        "time_budget_min": 0,
     })
     config["loss"] = pipeline.loss(task.sigmoid, task.void)
     # nnU-Net's weights 1, 1/2, 1/4, ... over the outputs, finest first; MONAI shrinks the labels to each
     # output's size (nearest-exact, so label values and regions stay labels)
     config["training_loss"] = "$monai.losses.DeepSupervisionLoss(@loss, weight_mode='exp') if @deep_supervision else @loss"
-    config["optimizer"] = {"_target_": "torch.optim.Adam", "params": PARAM_GROUPS, "lr": "@learning_rate",
-                           "weight_decay": "@weight_decay"}
-    config["lr_scheduler"] = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
-                              "T_max": "@max_epochs"}
+    config["optimizer"] = {"_target_": "$'torch.optim.' + @optimizer_name", "params": PARAM_GROUPS,
+                           "lr": "@learning_rate", "weight_decay": "@weight_decay"}
+    # cosine annealing per epoch, after a linear warm-up of @warmup_epochs (0: the thesis' plain cosine)
+    config["lr_scheduler"] = ("$monai.optimizers.WarmupCosineSchedule(@optimizer, warmup_steps=@warmup_epochs, "
+                              "t_total=@max_epochs) if @warmup_epochs else torch.optim.lr_scheduler.CosineAnnealingLR("
+                              "@optimizer, T_max=@max_epochs)")
     checked = ("$qtunet_bundle.check_cases(@{split}#datalist, @in_channels, label_values=@label_values, "
                "check_values=@check_data, spatial_dims={dims}, intensity_limit=@intensity_limit)")
     loss_out = "$monai.handlers.from_engine(['loss'], first=True)"
     config["train"] = {
         "datalist": "$qtunet_bundle.load_fold(@datalist_file, 'training', @fold, @num_folds, @fold_seed)",
         "deterministic_transforms": deterministic_transforms(task, with_label=True),
-        "random_transforms": pipeline.random_transforms(task.crop, task.augment),
+        "random_transforms": pipeline.random_transforms(task.crop, task.augment)
+        + pipeline.extra_augmentation(task.spatial_dims, task.modality),
         "preprocessing": {"_target_": "Compose",
                           "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
         "dataset": {"_target_": "CacheDataset", "data": checked.format(split="train", dims=task.spatial_dims),
@@ -242,6 +259,8 @@ def train_config(task: Task) -> dict:
             {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
              "interval": "@val_interval"},
             {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
+            {"_target_": "qtunet_monai.bundle.TrainingTimeBudget", "minutes": "@time_budget_min",
+             "validator": "@validate#evaluator", "path": "$@output_dir + '/training_time.json'"},
             {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": loss_out},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss",
              "output_transform": loss_out},
@@ -283,7 +302,7 @@ def train_config(task: Task) -> dict:
                                    "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
                                    "evaluator": "@validate#evaluator"}
     config["initialize"] = [
-        "$monai.utils.set_determinism(seed=123)",
+        "$monai.utils.set_determinism(seed=@seed)",
         "$qtunet_bundle.check_writable(@output_dir)",
         "$qtunet_bundle.load_imagenet_swin(@network, @imagenet_checkpoint) if @imagenet_init else None",
         "$qtunet_bundle.load_pretrained(@network, @finetune_checkpoint) if @finetune else None",
@@ -422,7 +441,9 @@ def _distributed_overlay(config: dict, section: str, rank0_saves: list[str], eve
 
 
 def multi_gpu_config(task: Task) -> dict:
-    return _distributed_overlay(train_config(task), "train", ["resume_checkpoint"])
+    config = train_config(task)
+    budget = next(i for i, h in enumerate(config["train"]["handlers"]) if h["_target_"].endswith("TrainingTimeBudget"))
+    return _distributed_overlay(config, "train", ["resume_checkpoint", f"train#handlers#{budget}"])
 
 
 def pretrain_config(task: Task) -> dict:
@@ -642,7 +663,7 @@ python -m qtunet_monai prepare_data {task.data} /tmp/{fake_dir} --output_file da
 
 Every case is checked before training, evaluation and inference start (`--check_data False` reads
 headers only): missing, unreadable or truncated files, wrong channel counts or dimensions, image/label
-shape mismatches, NaN, infinite or extreme intensities (beyond `--intensity_limit`, 1e6), label values
+shape mismatches, a label whose orientation, spacing or origin differs from its image's (headers compared), NaN, infinite or extreme intensities (beyond `--intensity_limit`, 1e6), label values
 outside {list(task.label_values)} and two inputs whose predictions would get the same name stop the run
 with one line per problem naming the file; `--skip_bad_cases True` (inference) leaves bad cases out and
 lists them instead. A NaN or infinite loss stops training naming the iteration and the batch's files,
@@ -712,6 +733,18 @@ the encoder, as the thesis did for Base: `--variant base --imagenet_init True --
 /path/to/swin_tiny_patch4_window7_224.pth` (a Swin-T file you supply, timm or official names;
 inflated to 3D, nothing is downloaded).
 
+## Presets: the thesis' recipe or the accurate one
+`--preset {"accurate" if task.preset == "thesis" else "thesis"}` (default `{task.preset}`), given to every command of a run, sets the network
+options and training recipe of `qtunet_monai.bundle.PRESETS` at once; an explicit override of one of
+its keys still wins. `thesis` is the thesis' network and recipe. `accurate` adds the full-resolution
+detail path (`--detail_widths "{PRESETS["accurate"]["detail_widths"]}"`: residual conv blocks at full and 1/2
+resolution, a conv decoder step from the last transformer stage to the input grid, SwinUNETR's
+`encoder1`/`decoder1` role). It was chosen by validation Dice in an accuracy campaign on the demo
+bundle only (`benchmarks/demo_options.py`, table in the demo bundle's docs), not on this task: the
+task's spacing, ROI, learning rate and epochs stay as above. `--time_budget_min M` ends training
+at the last epoch end within M minutes of wall time (validated, best model kept; the record with every
+validation's time and Dice goes to `eval/training_time.json`); `--seed N` changes the random seed.
+
 ## Baselines, inference options and cross-validation
 Off by default (the thesis' recipe); each is one switch, given to every command of a run.
 
@@ -722,6 +755,10 @@ Off by default (the thesis' recipe); each is one switch, given to every command 
 | `--keep_largest True` | keep the largest connected component of each {"region channel" if task.sigmoid else "class"} in `--keep_largest_labels "{_options(task)["keep_largest_labels"]}"` in the saved prediction, scored so by evaluation (MONAI's `KeepLargestConnectedComponentd`; on CPU it needs `pip install "qtunet_monai[postprocessing]"`) |
 | `--deep_supervision True` | auxiliary heads on the decoder stages (QT-UNet family, DynUNet), trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ... finest first, labels shrunk nearest-exact); inference output and `ckpt_export` unchanged |
 | `--num_stages 4`, `--patch_size 2` | a fourth encoder/decoder stage, a 2-voxel patch partition (QT-UNet family; the thesis' section 6.2.1) |
+| `--detail_widths "[12, 24]"` | the full-resolution detail path (QT-UNet family; `[16]`: full resolution only; `"[]"`: none) |
+| `--skip cct --cct_preset lite` | UCTransNet's channel-wise skips: a channel transformer over all encoder skips (`full`: 4 layers and heads; `lite`: 1) and a channel gate in each decoder step (QT-UNet family) |
+| `--intensity_augmentation True`, `--spatial_augmentation True` | nnU-Net-style gamma, noise{" and bias field" if task.modality == "MR" else ""}; a random rotation (15 degrees) and scaling (15 %) of the crops |
+| `--optimizer_name AdamW --warmup_epochs 3` | another `torch.optim` optimiser; a linear learning-rate warm-up before the cosine |
 | `--sw_mode gaussian` | Gaussian instead of constant blending of the sliding windows |
 | `--fold k --num_folds 5 --fold_seed 0` | train on the other folds of the data list's `training` cases and validate on fold k; the split is written into `data/datalist.json` (a `fold` per case), models go to `models/fold<k>/` |
 

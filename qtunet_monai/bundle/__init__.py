@@ -10,6 +10,7 @@ that a data or checkpoint error ends the run with its own one-line message rathe
 
 from ..networks.imagenet import load_imagenet_swin
 from .architectures import BASELINES, build_network
+from .budget import TrainingTimeBudget
 from .checkpoints import (
     BestModelSaver,
     ResumeCheckpoint,
@@ -20,12 +21,21 @@ from .checkpoints import (
 )
 from .datalist import check_cases, load_datalist
 from .distributed import DeviceError, finish_distributed, init_distributed, local_gpu, local_rank, process_device
-from .errors import CheckpointError, DataError, NonFiniteError, OutputError, ReportedError, install_excepthook
+from .errors import (
+    CheckpointError,
+    DataError,
+    NonFiniteError,
+    OutputError,
+    ReportedError,
+    SettingError,
+    install_excepthook,
+)
 from .files import AtomicNibabelWriter, AtomicPILWriter, check_writable, clean_stale_temporaries
 from .folds import load_fold, write_folds
 from .inference import FlipTTAInferer, FoldEnsemble, InferenceTimer
 from .onnx_export import export_onnx
 from .optim import no_weight_decay_names, param_groups
+from .presets import PRESETS, network_options, preset, preset_value
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
@@ -40,11 +50,13 @@ __all__ = [
     "BestModelSaver",
     "ResumeCheckpoint",
     "StopOnNonFiniteLoss",
+    "TrainingTimeBudget",
     "prepare_folder",
     "ReportedError",
     "CheckpointError",
     "OutputError",
     "NonFiniteError",
+    "SettingError",
     "install_excepthook",
     "check_writable",
     "clean_stale_temporaries",
@@ -55,6 +67,10 @@ __all__ = [
     "load_imagenet_swin",
     "no_weight_decay_names",
     "param_groups",
+    "PRESETS",
+    "preset",
+    "network_options",
+    "preset_value",
     "DataError",
     "check_cases",
     "load_datalist",

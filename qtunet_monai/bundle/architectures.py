@@ -34,7 +34,9 @@ __all__ = ["BASELINES", "DivisiblePadNet", "build_network", "nnunet_kernels_stri
 BASELINES = ("SwinUNETR", "UNETR", "SegResNet", "DynUNet")
 
 # QT-UNet's own settings and their values in the thesis; the baselines have none of them.
-_QTUNET_ONLY = {"drop_path_rate": None, "num_stages": 3, "patch_size": 4, "fused_attention": None}
+# (None: ignored by the baselines)
+_QTUNET_ONLY = {"drop_path_rate": None, "num_stages": 3, "patch_size": 4, "fused_attention": None, "detail_widths": [],
+                "skip": "concat", "cct_preset": None}
 
 
 class DivisiblePadNet(nn.Module):
@@ -134,7 +136,8 @@ def build_network(
     unknown = sorted(set(qtunet_kwargs) - set(_QTUNET_ONLY))
     if unknown:
         raise TypeError(f"unexpected argument(s) {unknown} for the {name} baseline.")
-    changed = [k for k, v in qtunet_kwargs.items() if _QTUNET_ONLY[k] is not None and v != _QTUNET_ONLY[k]]
+    changed = [k for k, v in qtunet_kwargs.items()
+               if _QTUNET_ONLY[k] is not None and (list(v) if isinstance(v, (list, tuple)) else v) != _QTUNET_ONLY[k]]
     if changed:
         raise ValueError(f"{name} has no QT-UNet {changed}; leave them at the thesis' values "
                          f"{ {k: _QTUNET_ONLY[k] for k in changed} } for a baseline.")

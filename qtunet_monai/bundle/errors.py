@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["ReportedError", "DataError", "CheckpointError", "OutputError", "NonFiniteError", "DEBUG_ENV",
+__all__ = ["ReportedError", "DataError", "CheckpointError", "OutputError", "SettingError", "NonFiniteError", "DEBUG_ENV",
            "install_excepthook", "reported_cause"]
 
 DEBUG_ENV = "QTUNET_MONAI_DEBUG"
@@ -35,6 +35,10 @@ class CheckpointError(ReportedError, ValueError):
 
 class OutputError(ReportedError, OSError):
     """A checkpoint or output folder that cannot be written (read-only, not a folder, full disk)."""
+
+
+class SettingError(ReportedError, ValueError):
+    """A bundle setting (command-line override or config value) that names nothing that exists."""
 
 
 class NonFiniteError(ReportedError, FloatingPointError):

@@ -20,7 +20,7 @@ from monai.data import NibabelWriter, PILWriter
 
 from .errors import OutputError
 
-__all__ = ["temporary_path", "replace_atomically", "clean_stale_temporaries", "check_writable",
+__all__ = ["temporary_path", "replace_atomically", "atomic_write_text", "clean_stale_temporaries", "check_writable",
            "AtomicNibabelWriter", "AtomicPILWriter"]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,17 @@ def replace_atomically(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary beside it: a killed write leaves the old file whole."""
+    tmp = temporary_path(path)
+    try:
+        Path(tmp).write_text(text)
+        replace_atomically(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:

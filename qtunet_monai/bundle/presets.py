@@ -1,0 +1,61 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Named training presets: one ``--preset`` switch sets the network options and recipe together.
+
+Every bundle's configs read the keys below through :func:`preset`, so ``--preset accurate`` changes
+all of them at once and an explicit override of one key (``--detail_widths "[]"``) still wins. The
+task's own settings (spacing, ROI, learning rate, epochs) are not part of a preset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import SettingError
+
+__all__ = ["PRESETS", "NETWORK_KEYS", "preset", "preset_value", "network_options"]
+
+#: the preset keys that are :class:`~qtunet_monai.networks.QTUNet` arguments (the rest are the training recipe's)
+NETWORK_KEYS = ("detail_widths", "num_stages", "patch_size", "deep_supervision")
+
+#: preset name -> the config keys it sets. ``thesis`` is the thesis' network and recipe; ``accurate``
+#: is the configuration chosen by validation Dice in ``benchmarks/demo_options.py`` (measured on the
+#: demo only; see the demo bundle's docs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "thesis": {
+        "detail_widths": [],
+        "num_stages": 3,
+        "patch_size": 4,
+        "deep_supervision": False,
+        "intensity_augmentation": False,
+        "spatial_augmentation": False,
+        "optimizer_name": "Adam",
+        "warmup_epochs": 0,
+    },
+    "accurate": {
+        "detail_widths": [12, 24],
+        "num_stages": 3,
+        "patch_size": 4,
+        "deep_supervision": False,
+        "intensity_augmentation": False,
+        "spatial_augmentation": False,
+        "optimizer_name": "Adam",
+        "warmup_epochs": 0,
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The config values of preset ``name`` (a key of :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise SettingError(f"unknown preset {name!r} (--preset); choose one of {list(PRESETS)}.")
+    return dict(PRESETS[name])
+
+
+def network_options(name: str) -> dict[str, Any]:
+    """The :class:`~qtunet_monai.networks.QTUNet` arguments of preset ``name``."""
+    return {key: value for key, value in preset(name).items() if key in NETWORK_KEYS}
+
+
+def preset_value(name: str, key: str) -> Any:
+    """One value of preset ``name``: what a YAML config (the Auto3DSeg template) instantiates by ``_target_``."""
+    return preset(name)[key]
