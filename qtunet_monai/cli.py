@@ -10,6 +10,9 @@ Commands:
     fake_data     a tiny fake data set in a task's official layout (BraTS, BTCV, MSD, CityScapes).
     prepare_data  a task's official download -> the bundle's data list.
     explain  attention maps, rollout and attention distance of a trained bundle; Dice change of ablated blocks.
+    prepare_recon_demo  the MRI reconstruction demo: fastMRI-layout k-space simulated from the MNI template.
+    prepare_recon_data  a data list of fastMRI files (single-coil knee, multi-coil brain).
+    recon_report  SSIM, PSNR, NMSE and MAE per volume of the reconstruction bundle's outputs, and a figure.
 
 The bundles under the repository's ``bundles/`` are written by ``tools/generate_bundles.py``
 (repository tooling, not part of the installed package).
@@ -27,8 +30,9 @@ from typing import NamedTuple
 import fire
 
 from .benchmark import bench
-from .complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_flops, count_parameters
+from .complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_flops, count_parameters, option_table
 from .networks import QTUNet, build_architecture
+from .reconstruction.commands import prepare_recon_data, prepare_recon_demo, recon_report
 
 
 def info(
@@ -43,6 +47,9 @@ def info(
     num_stages: int = 3,
     patch_size: int = 4,
     deep_supervision: bool = False,
+    detail_widths: str | tuple | int = (),
+    skip: str = "concat",
+    cct_preset: str | None = None,
     flops: bool = True,
 ) -> None:
     """Print parameters and fvcore GFLOPs as one JSON line (batch 1, training mode, attention matmuls included).
@@ -62,9 +69,15 @@ def info(
         patch_size: patch partition edge length (4 in the thesis, or 2).
         deep_supervision: with the auxiliary heads (their parameters count; FLOPs are those of the
             plain logits, what the network computes outside training).
+        detail_widths: the full-resolution detail path's widths, e.g. ``16,32`` (none by default).
+        skip: concat (the thesis) or cct (UCTransNet's channel-wise skips).
+        cct_preset: full or lite, with ``--skip cct``.
         flops: also count FLOPs (needs fvcore).
     """
-    options = {"num_stages": num_stages, "patch_size": patch_size, "deep_supervision": deep_supervision}
+    widths = detail_widths.split(",") if isinstance(detail_widths, str) else (
+        list(detail_widths) if isinstance(detail_widths, (list, tuple)) else [detail_widths])
+    options = {"num_stages": num_stages, "patch_size": patch_size, "deep_supervision": deep_supervision,
+               "detail_widths": [int(w) for w in widths if str(w).strip()], "skip": skip, "cct_preset": cct_preset}
     if architecture is not None:
         model = build_architecture(architecture, in_channels, out_channels, variant, **options)
         spatial_dims = model.spatial_dims
@@ -103,13 +116,16 @@ def _roi_size(roi, spatial_dims: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def table(variants: str | list = "tiny,small,base", flops: bool = True, json_file: str | None = None) -> None:
+def table(variants: str | list = "tiny,small,base", flops: bool = True, json_file: str | None = None,
+          options: bool = False) -> None:
     """Print the family's parameters and GFLOPs next to the thesis' figures as a Markdown table.
 
     Args:
         variants: comma-separated subset of tiny, small, base.
         flops: count FLOPs too (about a minute per variant on a laptop CPU).
         json_file: also write the rows to this JSON file.
+        options: then a second table: the options beyond the thesis (detail path, CCT) for the
+            chosen variants among tiny and base, each next to the plain network.
     """
     chosen = [v.strip() for v in variants.split(",")] if isinstance(variants, str) else list(variants)
     unknown = [v for v in chosen if v not in VARIANT_ORDER]
@@ -128,6 +144,14 @@ def table(variants: str | list = "tiny,small,base", flops: bool = True, json_fil
                 flush=True,
             )
     print("\nThesis figures as docs/architecture.md section 1 gives them; QT-UNet-T's printed 6.4 M parameters is a misprint for 6.65 M.")
+    if options:
+        print("\n| option | architecture | input | variant | params (M) | plain | GFLOPs | plain |")
+        print("|---|---|---|---|---:|---:|---:|---:|")
+        for row in option_table([v for v in chosen if v in ("tiny", "base")], flops):
+            rows.append(row)
+            gflops = [f"{row[k]:.1f}" if row[k] is not None else "-" for k in ("gflops", "plain_gflops")]
+            print(f"| {row['option']} | {row['architecture']} | {row['input']} | {row['variant']} | "
+                  f"{row['params_m']:.2f} | {row['plain_params_m']:.2f} | {gflops[0]} | {gflops[1]} |", flush=True)
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)
@@ -311,7 +335,9 @@ def explain(
 
 
 COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report,
-            "fake_data": fake_data, "prepare_data": prepare_data, "explain": explain}
+            "fake_data": fake_data, "prepare_data": prepare_data, "explain": explain,
+            "prepare_recon_demo": prepare_recon_demo, "prepare_recon_data": prepare_recon_data,
+            "recon_report": recon_report}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,4 +359,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "explain", "main"]
+__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "explain",
+           "prepare_recon_demo", "prepare_recon_data", "recon_report", "main"]
