@@ -235,6 +235,13 @@ def load_config(config_file, **override):
     parser = ConfigParser()
     parser.read_config([f for f in files if str(f).endswith((".yaml", ".json"))])
     parser.update(override)
+    # the preset's network options, where the hyper-parameters leave them unset (null), as the bundles' --preset
+    from .bundle.presets import NETWORK_KEYS, preset
+
+    chosen = preset(str(parser.get("preset") or "thesis"))
+    for key in NETWORK_KEYS:
+        if key in parser.get() and parser.get(key) is None:
+            parser[key] = chosen[key]
     return parser
 
 

@@ -327,7 +327,7 @@ def test_deep_supervision_loss_equals_the_plain_loss_when_the_auxiliary_weights_
 
 
 def test_num_stages_and_patch_size_are_bundle_overrides():
-    parser = _parsed(DEMO / "configs" / "inference.json", num_stages=4, patch_size=2)
+    parser = _parsed(DEMO / "configs" / "inference.json", preset="thesis", num_stages=4, patch_size=2)
     net = parser.get_parsed_content("network_def")
     assert (net.num_stages, net.patch_size) == (4, 2)
     with pytest.raises(ValueError, match="SegResNet has no QT-UNet"):

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from qtunet_monai.bundle.presets import network_options
+
 pytest.importorskip("nilearn")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def test_monai_bundle_checks(bundle):
     (bundle / "models").mkdir()
     from qtunet_monai import QTUNet
 
-    torch.save(QTUNet(1, 4).state_dict(), bundle / "models" / "model.pt")
+    torch.save(QTUNet(1, 4, **network_options("accurate")).state_dict(), bundle / "models" / "model.pt")
     _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
           "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json", "--config_file",
           "configs/inference.json", "--use_trace", "True"], bundle)
@@ -90,7 +92,7 @@ def test_monai_bundle_checks(bundle):
 def test_train_evaluate_infer_end_to_end(bundle, demo_data):
     _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1")
     model = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert "head.classifier.weight" in model  # a plain state dict, as MONAI's tools expect
+    assert "detail_path.classifier.conv.conv.weight" in model  # a plain state dict (the accurate preset's network)
     resume = torch.load(bundle / "models" / "resume.pt", weights_only=True)
     assert resume["epoch"] == 2 and {"model", "optimizer", "lr_scheduler"} <= set(resume)
     assert resume["best_metric_epoch"] in (1, 2) and 0.0 <= resume["best_metric"] <= 1.0  # kept across a resume
@@ -264,7 +266,7 @@ def _random_model(bundle, folder="models"):
 
     (bundle / folder).mkdir(exist_ok=True)
     torch.manual_seed(0)
-    torch.save(QTUNet(1, 4).state_dict(), bundle / folder / "model.pt")
+    torch.save(QTUNet(1, 4, **network_options("accurate")).state_dict(), bundle / folder / "model.pt")
 
 
 def test_bad_inference_inputs_stop_before_inference_naming_each_file(bundle):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qtunet_monai import QTUNet
+from qtunet_monai.bundle.presets import network_options
 from qtunet_monai.explain import (
     AttentionRecorder,
     ablate,
@@ -173,7 +174,7 @@ def _demo_bundle_with_splits(root) -> dict[str, list[str]]:
     (root / "data").mkdir()
     (root / "models").mkdir()
     torch.manual_seed(0)
-    torch.save(QTUNet(1, 4).state_dict(), root / "models" / "model.pt")
+    torch.save(QTUNet(1, 4, **network_options("accurate")).state_dict(), root / "models" / "model.pt")
     rng = np.random.default_rng(0)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     cases = []

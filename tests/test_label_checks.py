@@ -27,6 +27,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 
 from qtunet_monai import label_checks as checks
 from qtunet_monai.bundle import BestModelSaver, DataError
+from qtunet_monai.bundle.presets import network_options
 
 REPO = Path(__file__).resolve().parents[1]
 PATTERNS = ["*.nii.gz", "*.nii", "*.png"]
@@ -327,7 +328,7 @@ def test_a_monailabel_round_of_the_demo_bundle_reports_and_keeps_the_better_mode
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
     (bundle / "models").mkdir()
     torch.manual_seed(0)
-    previous = QTUNet(1, 4).state_dict()
+    previous = QTUNet(1, 4, **network_options("accurate")).state_dict()  # the demo's preset
     torch.save(previous, bundle / "models" / "model.pt")
     case = _case(tmp_path, "case")
     report = tmp_path / "round.json"

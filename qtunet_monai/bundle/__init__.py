@@ -35,7 +35,7 @@ from .folds import load_fold, write_folds
 from .inference import FlipTTAInferer, FoldEnsemble, InferenceTimer
 from .onnx_export import export_onnx
 from .optim import no_weight_decay_names, param_groups
-from .presets import PRESETS, network_options, preset, preset_value
+from .presets import PRESETS, network_options, preset
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
     "PRESETS",
     "preset",
     "network_options",
-    "preset_value",
     "DataError",
     "check_cases",
     "load_datalist",
