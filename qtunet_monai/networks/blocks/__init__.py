@@ -8,6 +8,7 @@ from .channel_transformer import (
     ChannelTransformer,
     ChannelTransformerLayer,
 )
+from .conditional import BlockRouting, IterativeRouter, LightRouter, coordinate_descent_top_k
 from .detail import DetailPath
 from .head import SegmentationHead
 from .patching import PatchEmbedding, PatchExpanding, PatchMerging
@@ -30,8 +31,12 @@ __all__ = [
     "ChannelEmbedding",
     "ChannelGate",
     "ChannelTransformer",
+    "BlockRouting",
     "ChannelTransformerLayer",
     "DECODERS",
+    "IterativeRouter",
+    "LightRouter",
+    "coordinate_descent_top_k",
     "DecoderStage",
     "DecoderSubBlock",
     "DetailPath",

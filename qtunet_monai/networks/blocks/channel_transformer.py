@@ -25,6 +25,7 @@ from monai.networks.blocks import MLPBlock
 from monai.networks.layers import Conv
 from torch import nn
 
+from .init import init_weights
 from .patching import _pad_to_multiple, space_to_channels
 from .transformer import maybe_checkpoint, sinusoidal_position_encoding
 
@@ -116,18 +117,6 @@ def resolve_cct_options(
     if options["grid"] not in CCT_GRIDS:
         raise ValueError(f"unknown cct_grid {grid!r}; choose one of {list(CCT_GRIDS)}.")
     return options
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The family's (Swin's) initialisation: truncated normal (std 0.02) linear weights, zero biases,
-    unit LayerNorms. Convolutions (the position encoding) are set by their owner."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def _grouped_mean(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
@@ -398,7 +387,7 @@ class ChannelTransformer(nn.Module):
         )
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.widths)
         self.reconstructions = nn.ModuleList(nn.Linear(c, c) for c in self.widths)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self.zero_reconstruction()
 
     def zero_reconstruction(self) -> None:
@@ -458,7 +447,7 @@ class ChannelGate(nn.Module):
         self.skip_fc = nn.Linear(channels, channels)
         self.decoder_fc = nn.Linear(channels if decoder_channels is None else decoder_channels, channels)
         self.relu = relu
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def gate(self, skip: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
         """The gate ``(B, C)`` for a skip ``(B, *S, C)`` and decoder features ``(B, *S', C_d)``."""

@@ -452,7 +452,8 @@ class BlockRouting(nn.Module):
         else:
             if geometry is None:
                 raise ValueError("per-window routing of the MLP needs the block's window geometry.")
-            tokens, valid = geometry.partition(x), _valid_rows(geometry, batch * geometry.num_windows)
+            tokens = geometry.partition(x)
+            valid = _valid_rows(geometry, tokens.shape[0])
         k = routed_count(self.capacity["ff"], tokens.shape[1])
         if k == 0:
             return out

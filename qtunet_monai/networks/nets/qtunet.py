@@ -15,6 +15,7 @@ from ..blocks.conditional import attach_routers, resolve_routing
 from ..blocks.conditional import set_capacity as _set_capacity
 from ..blocks.detail import DetailPath
 from ..blocks.head import SegmentationHead
+from ..blocks.init import init_weights
 from ..blocks.patching import PatchEmbedding, PatchExpanding, PatchMerging
 from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage
 
@@ -140,7 +141,7 @@ class _Encoder(nn.Module):
         self.merges = nn.ModuleList(PatchMerging(self.widths[i], self.merge_factors) for i in range(num_stages))
         self.bottleneck = EncoderStage(self.widths[-1], num_heads[-1], 1, drop_path=rates[-1:], **self.stage_options)
         self.bottleneck_norm = nn.LayerNorm(self.widths[-1])
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @property
     def width(self) -> int:
@@ -367,7 +368,7 @@ class QTUNet(_Encoder):
         )
         output = self.detail_path if self.detail_widths else self.head
         for part in (self.expansions, self.skip_projections, self.decoder_stages, output, self.aux_heads):
-            part.apply(_init_weights)  # the encoder's parts were initialised by _Encoder
+            part.apply(init_weights)  # the encoder's parts were initialised by _Encoder
         # UCTransNet's skips, built last and under new names: the plain network's parameters, their names and
         # their random initialisation stay those of skip="concat", and its state dict loads with only these missing
         self.skip_type = skip
@@ -447,20 +448,6 @@ class QTUNet(_Encoder):
                 f"QTUNet was built for {self.in_channels} input channel(s) but the input has {x.shape[1]} "
                 f"(shape {tuple(x.shape)})."
             )
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Swin's initialisation, in one place: truncated normal (std 0.02) for linear layers and
-    relative-position bias tables, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    if hasattr(module, "relative_position_bias_table"):
-        nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
 
 
 def _resolve_feature_size(feature_size: int | None, variant: str | None) -> int:
