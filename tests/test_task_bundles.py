@@ -118,7 +118,11 @@ def test_generated_configs_fix_issue_13():
         train = config(bundle, "configs/train.json")
         assert train["optimizer"]["params"] == "$qtunet_bundle.param_groups(@network, @weight_decay)"
         assert "device" not in config(bundle, "configs/multi_gpu_train.json")
-    assert config("qtunet_demo_brain_tissue_segmentation", "configs/metadata.json")["eval_metrics"] == {"mean_dice": 0.8}
+    # The demo's published figure is the campaign's mean test Dice of its default network over the seeds run.
+    campaign = json.loads((REPO / "benchmarks/results/demo_options.json").read_text())["arms"]["detail_12_24"]
+    measured = sum(run["test_dice"]["mean"] for run in campaign.values()) / len(campaign)
+    demo_metadata = config("qtunet_demo_brain_tissue_segmentation", "configs/metadata.json")
+    assert demo_metadata["eval_metrics"] == {"mean_dice": round(measured, 2)}
 
 
 def _overrides(task) -> dict:
