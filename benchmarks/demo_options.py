@@ -43,6 +43,8 @@ CLASSES = ("CSF", "grey matter", "white matter")
 THESIS = {"preset": "thesis", "max_epochs": 30}
 DETAIL = {**THESIS, "detail_widths": [16, 32]}
 AUGMENT = {"intensity_augmentation": True, "spatial_augmentation": True}
+#: the chosen configuration (``--preset accurate``) as the campaign runs it: the epochs its time budget fits
+CHOSEN = {**THESIS, "detail_widths": [12, 24], "max_epochs": 26}
 RECIPE = {"optimizer_name": "AdamW", "weight_decay": 0.05, "warmup_epochs": 3, "learning_rate": 0.002}
 
 #: arm -> (bundle overrides, the arm whose model it reuses or None to train its own, label)
@@ -67,11 +69,17 @@ ARMS: dict[str, tuple[dict, str | None, str]] = {
     "detail_fit": ({**DETAIL, "max_epochs": 24}, None, "detail path 16-32, 24 epochs (what the budget fits)"),
     "detail_fit_aug": ({**DETAIL, **AUGMENT, "max_epochs": 24}, None,
                        "detail path 16-32, 24 epochs, + intensity/spatial augmentation"),
-    "detail_12_24": ({**THESIS, "detail_widths": [12, 24], "max_epochs": 26}, None,
+    "detail_12_24": (CHOSEN, None,
                      "detail path 12-24, 26 epochs (what the budget fits)"),
-    "detail_12_24_aug": ({**THESIS, "detail_widths": [12, 24], "max_epochs": 26, **AUGMENT}, None,
+    "detail_12_24_aug": ({**CHOSEN, **AUGMENT}, None,
                          "detail path 12-24, 26 epochs, + intensity/spatial augmentation"),
     "detail_cct": ({**DETAIL, "skip": "cct", "cct_preset": "lite"}, None, "detail path + CCT lite skips"),
+    # UCTransNet's channel-wise skips (seed 001) on the chosen configuration
+    "cct_lite": ({**CHOSEN, "skip": "cct", "cct_preset": "lite"}, None, "detail path 12-24 + CCT lite skips"),
+    "cct_full": ({**CHOSEN, "skip": "cct", "cct_preset": "full"}, None, "detail path 12-24 + CCT full skips"),
+    # the recipe and deep supervision on the chosen configuration
+    "chosen_recipe": ({**CHOSEN, **RECIPE}, None, "detail path 12-24 + AdamW, wd 0.05, warm-up 3, lr 2e-3"),
+    "chosen_ds": ({**CHOSEN, "deep_supervision": True}, None, "detail path 12-24 + deep supervision"),
     "accurate": ({"preset": "accurate"}, None, "`--preset accurate` (the bundle's default)"),
     "quickstart": ({"preset": "accurate", "max_epochs": 10}, None, "`--max_epochs 10`: the README's quick start"),
 }
