@@ -37,6 +37,7 @@ from monai.handlers import from_engine
 
 from .bundle.checkpoints import read_checkpoint
 from .bundle.datalist import _IMAGE_SUFFIXES, DataError, check_cases
+from .bundle.errors import find_cause
 from .utils import unwrap_module
 
 __all__ = [
@@ -324,17 +325,6 @@ def retraining_overrides(
     }
     overrides[handlers_key] = [*overrides.get(handlers_key, []), round_handler]
     return overrides
-
-
-def find_cause(error: BaseException, kind: type) -> BaseException | None:
-    """The first exception of type ``kind`` in ``error``'s chain of causes (MONAI's config parser wraps them)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 class RetrainingRound:

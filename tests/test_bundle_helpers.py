@@ -78,3 +78,34 @@ def test_read_checkpoint_unwraps_and_names_the_file_it_refuses(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(CheckpointError, match=r"cannot read the checkpoint .*truncated\.pt"):
         read_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_resolve_inside_keeps_names_inside_their_folder(tmp_path):
+    from qtunet_monai.bundle.errors import SettingError
+    from qtunet_monai.bundle.files import resolve_inside
+
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    (tmp_path / "secret.pt").write_bytes(b"x")
+    (root / "models" / "link.pt").symlink_to(tmp_path / "secret.pt")
+    assert resolve_inside(root, "models/model.pt") == (root / "models" / "model.pt").resolve()
+    for escape in ("../secret.pt", str(tmp_path / "secret.pt"), "models/../../secret.pt", "models/link.pt"):
+        with pytest.raises(SettingError, match="points outside"):
+            resolve_inside(root, escape)
+
+
+def test_find_cause_walks_causes_and_contexts_once():
+    from qtunet_monai.bundle.errors import DataError, find_cause
+
+    try:
+        try:
+            raise DataError("case_1.nii.gz: bad")
+        except DataError as inner:
+            raise RuntimeError("applying transform") from inner
+    except RuntimeError as wrapped:
+        outer = wrapped
+    assert str(find_cause(outer, DataError)) == "case_1.nii.gz: bad"
+    assert find_cause(outer, KeyError) is None
+    looped = ValueError("a")
+    looped.__context__ = looped  # a cycle ends the walk instead of hanging it
+    assert find_cause(looped, KeyError) is None

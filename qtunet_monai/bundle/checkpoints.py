@@ -62,9 +62,14 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | os.PathLike) -> Mapping:
+def read_checkpoint(path: str | os.PathLike, unwrap: bool = True, what: str = "checkpoint") -> Mapping:
     """The state dict in ``path``, read with the weights-only loader; a dict holding one under
     ``model``/``state_dict`` (or with DDP/compile prefixes) is unwrapped.
+
+    Args:
+        path: the file.
+        unwrap: unwrap the model's state dict; False returns the file's mapping as it is (a resume state).
+        what: what the file is, for the error message.
 
     Raises:
         CheckpointError: naming the file and, in one line, why it cannot be read (missing, truncated,
@@ -73,10 +78,10 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(e)}") from e
+        raise CheckpointError(f"cannot read the {what} {path}: {load_failure(e)}") from e
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    return unwrap_state_dict(state)
+    return unwrap_state_dict(state) if unwrap else state
 
 
 def load_failure(error: Exception) -> str:
@@ -162,10 +167,7 @@ class ResumeCheckpoint:
         if not self.path.is_file():
             logger.warning(f"resume requested but {self.path} does not exist: training starts from scratch.")
             return
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read the resume checkpoint {self.path}: {load_failure(e)}") from e
+        state = read_checkpoint(self.path, unwrap=False, what="resume checkpoint")
         _unwrap(self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"]:

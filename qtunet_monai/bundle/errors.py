@@ -16,7 +16,7 @@ import os
 import sys
 
 __all__ = ["ReportedError", "DataError", "CheckpointError", "OutputError", "SettingError", "NonFiniteError", "DEBUG_ENV",
-           "install_excepthook", "reported_cause"]
+           "find_cause", "install_excepthook", "reported_cause"]
 
 DEBUG_ENV = "QTUNET_MONAI_DEBUG"
 
@@ -45,15 +45,21 @@ class NonFiniteError(ReportedError, FloatingPointError):
     """Training produced a NaN or infinite loss or weights."""
 
 
-def reported_cause(error: BaseException | None) -> ReportedError | None:
-    """The first :class:`ReportedError` in ``error``'s chain of causes and contexts, or None."""
+def find_cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``error``'s chain of causes and contexts, or None (MONAI's
+    config parser and transforms wrap the errors raised inside them)."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, ReportedError):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def reported_cause(error: BaseException | None) -> ReportedError | None:
+    """The first :class:`ReportedError` in ``error``'s chain of causes and contexts, or None."""
+    return find_cause(error, ReportedError)
 
 
 def _brief_hook(previous):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from monai.data import NibabelWriter, PILWriter
 
-from .errors import OutputError
+from .errors import OutputError, SettingError
 
 __all__ = ["temporary_path", "replace_atomically", "atomic_write_text", "clean_stale_temporaries", "check_writable",
-           "AtomicNibabelWriter", "AtomicPILWriter"]
+           "AtomicNibabelWriter", "AtomicPILWriter", "resolve_inside"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +158,18 @@ class AtomicNibabelWriter(_AtomicWrite, NibabelWriter):
 
 class AtomicPILWriter(_AtomicWrite, PILWriter):
     """MONAI's ``PILWriter`` writing atomically."""
+
+
+def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """``relative`` resolved inside the folder ``root``; a path that escapes it (``..``, an absolute path
+    elsewhere, a link out) is refused, so a name from a client or a config cannot reach other files.
+
+    Raises:
+        SettingError: naming the path and the folder.
+    """
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise SettingError(f"{str(relative)!r} points outside {root}; give a path inside that folder.")
+    return path
+

@@ -10,13 +10,12 @@ the same split; a data list split with another seed or fold count is refused, no
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .datalist import DataError, load_datalist
+from .files import atomic_write_text
 
 __all__ = ["fold_assignment", "load_fold", "write_folds"]
 
@@ -32,19 +31,6 @@ def fold_assignment(num_cases: int, num_folds: int, seed: int) -> list[int]:
     for position, case in enumerate(order):
         folds[int(case)] = position % num_folds
     return folds
-
-
-def _write_atomic(path: Path, content: dict) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over (a reader never sees half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=4)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_folds(datalist_file: str, num_folds: int = 5, seed: int = 0) -> dict:
@@ -67,7 +53,7 @@ def write_folds(datalist_file: str, num_folds: int = 5, seed: int = 0) -> dict:
     for case, fold in zip(cases, fold_assignment(len(cases), num_folds, seed)):
         case["fold"] = fold
     content["num_folds"], content["fold_seed"] = num_folds, seed
-    _write_atomic(path, content)
+    atomic_write_text(path, json.dumps(content, indent=4))
     return content
 
 

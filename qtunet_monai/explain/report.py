@@ -29,6 +29,7 @@ from torch import nn
 
 from ..bundle.checkpoints import read_checkpoint
 from ..bundle.errors import reported_cause
+from ..bundle.files import resolve_inside
 from .ablation import ablate
 from .figures import distance_figure, slice_figure
 from .maps import (
@@ -267,14 +268,6 @@ def _bundle_parser(bundle_dir: str, config: str):
     return parser
 
 
-def _inside(root: Path, relative: str) -> Path:
-    """``relative`` resolved inside ``root``; anything that escapes it is refused."""
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise ValueError(f"{relative!r} points outside the bundle {root}; give a path inside it.")
-    return path
-
-
 def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", config: str = "inference.json"):
     """The bundle's network with its trained weights, and the parsed config.
 
@@ -285,7 +278,7 @@ def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", co
     """
     parser = _bundle_parser(bundle_dir, config)
     network = parser.get_parsed_content("network_def")
-    path = _inside(Path(bundle_dir), checkpoint)
+    path = resolve_inside(Path(bundle_dir), checkpoint)
     if not path.is_file():
         raise ValueError(f"no trained weights at {path}: train the bundle first (see its docs/README.md).")
     state = read_checkpoint(path)  # a CheckpointError (a ValueError) names the file and the reason

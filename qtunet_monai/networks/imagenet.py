@@ -121,10 +121,9 @@ def load_imagenet_swin(network, path: str) -> dict[str, list[str]]:
     Returns the loaded and the not-initialised (decoder, head) keys, and logs them.
     """
     target = unwrap_module(network)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read the ImageNet checkpoint {path}: {e}") from e
+    from ..bundle.checkpoints import read_checkpoint  # the bundles' one reader (weights only, one-line errors)
+
+    state = read_checkpoint(path, unwrap=False, what="ImageNet checkpoint")
     converted = swin_to_qtunet(state, target)
     target.load_state_dict(converted, strict=False)
     report = {"loaded": sorted(converted), "missing": sorted(k for k in target.state_dict() if k not in converted)}
