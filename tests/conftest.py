@@ -1,0 +1,65 @@
+# Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
+"""Fixtures shared by the test files: seeded tiny QT-UNets and a task bundle copied with fake data.
+
+Tests that run a subprocess, a bundle end to end, Auto3DSeg, more than one training step, an ONNX export or
+``torch.compile``, or that take more than about 2 s, carry ``@pytest.mark.slow`` (registered in
+pyproject.toml). The fast loop for contributors is ``python -m pytest -m "not slow" tests``; CI runs all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtunet_monai import QTUNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: width 12 keeps a network test fast; window 3 makes shifted and padded windows appear on small maps
+TINY = {"feature_size": 12, "window_size": 3}
+
+
+def build_tiny_qtunet(**kwargs) -> QTUNet:
+    """A QT-UNet with 2 input channels, 3 classes and the ``TINY`` width and window, built after seeding 0.
+
+    Args:
+        kwargs: any QTUNet argument; it overrides the defaults above.
+    """
+    torch.manual_seed(0)
+    return QTUNet(**{"in_channels": 2, "out_channels": 3, **TINY, **kwargs})
+
+
+@pytest.fixture
+def tiny_qtunet() -> Callable[..., QTUNet]:
+    """The factory :func:`build_tiny_qtunet`: ``tiny_qtunet(decoder="vt", spatial_dims=2)``."""
+    return build_tiny_qtunet
+
+
+@pytest.fixture
+def task_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
+    """A factory of task bundles on fake data: ``task_bundle("msd_spleen")`` copies that task's bundle from
+    bundles/ (without data, models or eval) into ``tmp_path``, writes the task's fake data set and the bundle's
+    data list from it, makes the copy the working directory and returns its folder.
+
+    Args:
+        tmp_path: pytest's folder of the test.
+        monkeypatch: pytest's monkeypatch, to change the working directory for the test only.
+    """
+    from qtunet_monai.cli import fake_data, prepare_data
+    from qtunet_monai.tasks import TASKS
+
+    def make(data: str) -> Path:
+        task = next(t for t in TASKS.values() if t.data == data)
+        bundle = tmp_path / task.bundle
+        shutil.copytree(REPO / "bundles" / task.bundle, bundle,
+                        ignore=shutil.ignore_patterns("data", "models", "eval"))
+        fake_data(task.data, str(tmp_path / "raw"))
+        prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
+        monkeypatch.chdir(bundle)
+        return bundle
+
+    return make
