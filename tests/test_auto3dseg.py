@@ -54,6 +54,7 @@ def _source(root: Path, datalist: Path, modality: str = "mri", **extra) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_autorunner_end_to_end_offline_on_cpu(tmp_path, monkeypatch):
     from monai.apps.auto3dseg import AutoRunner
 
@@ -290,6 +291,7 @@ def test_the_checked_autorunner_stops_before_monai_analyses_the_data(tmp_path):
     assert not (work / "datastats.yaml").exists()
 
 
+@pytest.mark.slow
 def test_template_training_under_torchrun_with_gloo(tmp_path):
     """Auto3DSeg's multi-GPU mode launches scripts/train.py with torchrun; on CPU the ranks use gloo."""
     import subprocess

@@ -17,6 +17,7 @@ def small_scenarios(monkeypatch):
     monkeypatch.setitem(benchmark.SCENARIOS, "train64", ("train", 64))
 
 
+@pytest.mark.slow
 def test_run_benchmark_alternates_models_and_reports_ratios(small_scenarios):
     log = []
     result = benchmark.run_benchmark(
@@ -40,6 +41,7 @@ def test_run_benchmark_alternates_models_and_reports_ratios(small_scenarios):
     assert "| qtunet-tiny |" in table and "speed-up vs SwinUNETR" in table
 
 
+@pytest.mark.slow
 def test_training_rows_count_three_passes_and_volumes_per_second(small_scenarios):
     """A training step (SwinUNETR's costs minutes on a CPU at 64^3, so QT-UNet-T alone: no ratio)."""
     result = benchmark.run_benchmark(["qtunet-tiny"], ["train64"], repeats=1, memory=True, flops=True)
@@ -50,6 +52,7 @@ def test_training_rows_count_three_passes_and_volumes_per_second(small_scenarios
     assert row["kernels_per_step"] > 100
 
 
+@pytest.mark.slow
 def test_bench_writes_json_and_markdown(tmp_path, small_scenarios):
     benchmark.bench(models="qtunet-tiny,swinunetr", scenarios="infer64", repeats=1, memory=False, flops=False,
                     out_dir=str(tmp_path), tag="t")

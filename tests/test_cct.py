@@ -323,6 +323,7 @@ def test_checkpointing_gives_same_output_and_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "shape"),
     [

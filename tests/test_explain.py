@@ -189,6 +189,7 @@ def _demo_bundle_with_splits(root) -> dict[str, list[str]]:
     return {k: [str((root / "data" / c["image"]).resolve()) for c in v] for k, v in splits.items()}
 
 
+@pytest.mark.slow
 def test_ablation_scores_the_requested_split(tmp_path, capsys):
     import json
 

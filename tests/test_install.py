@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qtunet_monai import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # pip installs a copy and runs a bundle in a subprocess
 
 
 def test_non_editable_install_runs_a_bundle_outside_the_repository(tmp_path):

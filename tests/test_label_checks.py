@@ -319,6 +319,7 @@ def test_monailabel_training_lists_go_through_the_bundle_data_check(tmp_path):
     assert parser.get_parsed_content("validate#dataset#data") == [good]
 
 
+@pytest.mark.slow
 def test_a_monailabel_round_of_the_demo_bundle_reports_and_keeps_the_better_model(tmp_path):
     from monai.bundle import run
 

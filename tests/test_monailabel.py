@@ -31,8 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BIN = os.environ.get("QTUNET_MONAILABEL_BIN") or (str(Path(shutil.which("monailabel")).parent)
                                                    if shutil.which("monailabel") else None)
-pytestmark = pytest.mark.skipif(BIN is None or not (Path(BIN) / "monailabel").exists(),
-                                reason="MONAI Label is not installed (see README: MONAI Label)")
+pytestmark = [pytest.mark.slow,  # a real server in a subprocess
+              pytest.mark.skipif(BIN is None or not (Path(BIN) / "monailabel").exists(),
+                                 reason="MONAI Label is not installed (see README: MONAI Label)")]
 
 
 def _request(url, method="GET", data=None, headers=None, timeout=600):

@@ -55,6 +55,7 @@ def test_missing_download_is_named(tmp_path):
         write_fake_msd(tmp_path, "kidney")
 
 
+@pytest.mark.slow
 def test_cli_writes_fake_data_and_the_data_list(tmp_path):
     """The command line writes the official layout (5 labelled + 1 test case, 2-channel prostate MRI) and a
     data list with MONAI's 4 / 1 split of absolute paths to those files, which checks clean."""

@@ -305,6 +305,7 @@ def bundle(tmp_path, demo_data):
     return root
 
 
+@pytest.mark.slow
 @needs_demo
 def test_demo_data_in_fastmri_layout(demo_data):
     import h5py
@@ -331,6 +332,7 @@ def test_demo_data_in_fastmri_layout(demo_data):
         np.testing.assert_array_equal(f["kspace"][()], g["kspace"][()])
 
 
+@pytest.mark.slow
 @needs_demo
 def test_bundle_trains_evaluates_and_writes_reconstructions(bundle, demo_data):
     import nibabel as nib
@@ -371,6 +373,7 @@ def test_bundle_trains_evaluates_and_writes_reconstructions(bundle, demo_data):
     np.testing.assert_allclose(inferred, evaluated, rtol=1e-5, atol=1e-6)  # same seeded mask, same network
 
 
+@pytest.mark.slow
 @needs_demo
 def test_bundle_checks_and_bad_data_stop_the_run(bundle):
     _run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
@@ -387,6 +390,7 @@ def test_bundle_checks_and_bad_data_stop_the_run(bundle):
     assert done.returncode != 0 and last.startswith("DataError:") and str(bad) in last and "NaN" in last, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 @needs_demo
 def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
@@ -396,6 +400,7 @@ def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
     assert (bundle / "models" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 @needs_demo
 def test_benchmark_command_runs_on_tiny_settings(tmp_path, demo_data):
     spec = importlib.util.spec_from_file_location("recon_demo", REPO / "benchmarks" / "recon_demo.py")
@@ -414,6 +419,7 @@ def test_benchmark_command_runs_on_tiny_settings(tmp_path, demo_data):
 
 
 # ---------------------------------------------------------------------------------------------- generator
+@pytest.mark.slow
 def test_committed_bundle_matches_the_generator(tmp_path):
     """``tools/generate_reconstruction_bundle.py --check`` passes on the repository, fails on a hand edit."""
     assert generator.check_bundle(REPO / "bundles") == []

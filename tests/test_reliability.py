@@ -156,6 +156,7 @@ def _dead_pid() -> int:
     return int(done.stdout)
 
 
+@pytest.mark.slow
 def test_killed_checkpoint_write_leaves_the_old_file_and_a_temporary_removed_at_start_up(tmp_path):
     target = tmp_path / "resume.pt"
     atomic_save({"epoch": torch.tensor(1)}, target)
@@ -256,6 +257,7 @@ def test_unusable_checkpoint_folder_is_refused_before_training(tmp_path):
         BestModelSaver(str(tmp_path / "models" / "model.pt"), network).attach(None)
 
 
+@pytest.mark.slow
 def test_a_killed_prediction_write_never_leaves_a_truncated_file(tmp_path):
     """A writer killed at a random moment while rewriting a prediction: the file is always readable whole."""
     target = tmp_path / "case_seg.nii.gz"
@@ -436,6 +438,7 @@ def test_two_dimensional_images_have_no_geometry_and_are_compared_by_shape(tmp_p
 
 
 # ---------------------------------------------------------------------------------- errors people can read
+@pytest.mark.slow
 def test_a_data_error_wrapped_by_monai_ends_in_its_own_message(tmp_path):
     file = _nifti(tmp_path / "slice.nii.gz", _volume(0, (8, 8)))
     script = textwrap.dedent(f"""

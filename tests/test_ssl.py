@@ -58,7 +58,8 @@ def test_rotation_is_in_the_axial_plane():
 @pytest.mark.parametrize("spatial_dims, roi, encoder", [
     (3, (32, 32, 32), {}),
     (2, (64, 64), {}),
-    (3, (32, 32, 32), {"num_stages": 4, "patch_size": 2}),  # the same bottleneck stride, 32
+    # the same bottleneck stride, 32; width 48 with patch 2 at 32^3 is the slow case
+    pytest.param(3, (32, 32, 32), {"num_stages": 4, "patch_size": 2}, marks=pytest.mark.slow),
 ])
 def test_heads_shapes_and_target_gets_no_gradient(spatial_dims, roi, encoder):
     model = QTUNetSSL(2, roi, spatial_dims=spatial_dims, **SMALL_HEADS, **encoder)
@@ -112,6 +113,7 @@ def _trainer(accumulation: int, epochs: int = 1, lr: float = 1e-3, cases: int = 
     return trainer, model
 
 
+@pytest.mark.slow
 def test_target_moves_once_per_optimiser_step_with_accumulation():
     from ignite.engine import Events
 
@@ -130,6 +132,7 @@ def test_target_moves_once_per_optimiser_step_with_accumulation():
     assert trainer.optimizer_steps == 3
 
 
+@pytest.mark.slow
 def test_a_few_iterations_reduce_the_loss():
     trainer, _ = _trainer(accumulation=1, epochs=15, lr=3e-4, cases=2, batch=2)  # the same two cases, 15 times
     from ignite.engine import Events
