@@ -41,6 +41,7 @@ def test_parameters_match_the_thesis(target, variant):
 FLOP_CASES = [case for case in CASES if case.values[1] != "small"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, variant", FLOP_CASES)
 def test_flops_match_the_thesis(target, variant):
     pytest.importorskip("fvcore")
@@ -48,16 +49,7 @@ def test_flops_match_the_thesis(target, variant):
     assert row["gflops"] == pytest.approx(row["target_gflops"], rel=0.01)
 
 
-def test_cli_info_prints_parameters_and_flops():
-    pytest.importorskip("fvcore")
-    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--variant", "tiny", "--spatial_dims", "3",
-           "--in_channels", "1", "--out_channels", "14", "--roi", "96"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["params_m"] == pytest.approx(6.65, rel=0.01)
-    assert result["gflops"] == pytest.approx(12.7, rel=0.01)
-
-
+@pytest.mark.slow
 def test_cli_info_reports_four_stages_patch_two_and_deep_supervision():
     pytest.importorskip("fvcore")
     cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--num_stages", "4",
@@ -72,6 +64,7 @@ def test_cli_info_reports_four_stages_patch_two_and_deep_supervision():
     assert result["gflops"] == round(count_flops(net, (1, 1, 32, 32, 32)) / 1e9, 2)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_arguments_with_one_line():
     done = subprocess.run([sys.executable, "-m", "qtunet_monai", "info", "--variant", "huge"],
                           capture_output=True, text=True, check=False)
@@ -79,6 +72,7 @@ def test_cli_rejects_bad_arguments_with_one_line():
     assert done.stderr.strip() == "error: unknown variant 'huge'; choose one of ['base', 'small', 'tiny']."
 
 
+@pytest.mark.slow
 def test_cli_info_takes_any_input_shape(capsys):
     pytest.importorskip("fvcore")
     from qtunet_monai.cli import main
@@ -97,6 +91,7 @@ def test_cli_info_takes_any_input_shape(capsys):
         assert error.startswith("error: --roi ") and "(e.g. 50,61,37)" in error and len(error.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_table_writes_json(tmp_path):
     out = tmp_path / "table.json"
     cmd = [sys.executable, "-m", "qtunet_monai", "table", "--variants", "tiny", "--flops", "False",
@@ -110,6 +105,7 @@ def test_cli_table_writes_json(tmp_path):
         assert row["params_m"] == pytest.approx(row["target_params_m"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_cli_info_and_the_option_table_count_the_detail_path_and_cct():
     pytest.importorskip("fvcore")
     from qtunet_monai.complexity import option_table

@@ -58,11 +58,6 @@ KINDS = {
 }
 
 
-def _net(**kwargs) -> QTUNet:
-    torch.manual_seed(0)
-    return QTUNet(**{"in_channels": 2, "out_channels": 3, **SMALL, **kwargs})
-
-
 def _block(kind: str, spatial_dims: int, backend, dim: int = 12, heads: int = 2):
     torch.manual_seed(0)
     block = KINDS[kind][0](dim, heads, 3, spatial_dims, 4.0, 0.0, backend)
@@ -236,10 +231,10 @@ def test_light_outputs_start_at_zero_and_heads_are_narrower():
 # whole networks: router=None unchanged, upcycling, sites, refusals
 
 
-def test_router_none_is_todays_network():
-    dense = _net()
-    explicit_none = _net(router=None)
-    conditional = _net(router="light", capacity=1.0)
+def test_router_none_is_todays_network(tiny_qtunet):
+    dense = tiny_qtunet()
+    explicit_none = tiny_qtunet(router=None)
+    conditional = tiny_qtunet(router="light", capacity=1.0)
     assert list(dense.state_dict()) == list(explicit_none.state_dict())
     assert not any(k for k in dense.state_dict() if "light_" in k or ".router." in k)
     assert all(getattr(m, "router", None) is None for m in dense.modules() if hasattr(m, "light_mlp"))
@@ -258,11 +253,11 @@ def test_router_none_is_todays_network():
     pytest.param({"spatial_dims": 2, "decoder": "qt", "router": "iterative",
                   "router_sites": ("encoder", "bottleneck", "decoder", "decoder.cross")}, id="2d-qt-cross-iterative"),
 ])
-def test_an_upcycled_dense_checkpoint_at_capacity_one_is_the_dense_network(config):
+def test_an_upcycled_dense_checkpoint_at_capacity_one_is_the_dense_network(config, tiny_qtunet):
     config = dict(config)
     router = config.pop("router", "light")
     sites = config.pop("router_sites", None)
-    dense = _net(**config)
+    dense = tiny_qtunet(**config)
     with torch.no_grad():  # a "trained" dense network
         for p in dense.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -279,48 +274,48 @@ def test_an_upcycled_dense_checkpoint_at_capacity_one_is_the_dense_network(confi
         assert not torch.allclose(conditional(x), dense(x), atol=1e-5)
 
 
-def test_an_ssl_encoder_loads_into_a_conditional_network():
+def test_an_ssl_encoder_loads_into_a_conditional_network(tiny_qtunet):
     encoder = QTUNetEncoder(2, **SMALL)
-    conditional = _net(router="light")
+    conditional = tiny_qtunet(router="light")
     result = conditional.load_state_dict(encoder.state_dict(), strict=False)
     assert not result.unexpected_keys
     encoder_missing = [k for k in result.missing_keys if k.startswith(("encoder_stages.", "bottleneck."))]
     assert encoder_missing and all(".light_" in k or ".router." in k for k in encoder_missing)
 
 
-def test_sites_choose_the_conditional_sub_layers():
-    net = _net(router="light", router_sites=("encoder.mlp", "decoder.cross"))
+def test_sites_choose_the_conditional_sub_layers(tiny_qtunet):
+    net = tiny_qtunet(router="light", router_sites=("encoder.mlp", "decoder.cross"))
     enc, dec = net.encoder_stages[0].blocks[0], net.decoder_stages[0].blocks[1]
     assert enc.router.route_mlp and not enc.router.route_attn and enc.light_attn is None
     assert dec.router.route_cross and not dec.router.route_attn and dec.light_mlp is None
     assert net.bottleneck.blocks[0].router is None
     assert all(not hasattr(b.router, "q") for b in (enc, dec)) and hasattr(dec.router, "cross_q")
-    default = _net(router="light")
+    default = tiny_qtunet(router="light")
     assert all(b.router is not None and not b.router.route_cross for s in default.decoder_stages for b in s.blocks)
     y = net(torch.randn(1, 2, 24, 20, 16))
     y.square().mean().backward()
     assert dec.router.cross_q.weight.grad is not None and enc.router.ff.weight.grad is not None
 
 
-def test_refusals_are_clear():
+def test_refusals_are_clear(tiny_qtunet):
     with pytest.raises(ValueError, match="decoder='vt' cannot be conditional"):
-        _net(decoder="vt", router="light")
+        tiny_qtunet(decoder="vt", router="light")
     with pytest.raises(ValueError, match="unknown router"):
-        _net(router="heavy")
+        tiny_qtunet(router="heavy")
     with pytest.raises(ValueError, match="apply only to a conditional network"):
-        _net(capacity=0.5)
+        tiny_qtunet(capacity=0.5)
     with pytest.raises(ValueError, match="capacity must lie in"):
-        _net(router="light", capacity=1.5)
+        tiny_qtunet(router="light", capacity=1.5)
     with pytest.raises(ValueError, match="unknown router site"):
-        _net(router="light", router_sites=("head",))
+        tiny_qtunet(router="light", router_sites=("head",))
     with pytest.raises(ValueError, match="needs decoder='qt'"):
-        _net(router="light", decoder="none", router_sites=("decoder.cross",))
+        tiny_qtunet(router="light", decoder="none", router_sites=("decoder.cross",))
     with pytest.raises(ValueError, match="unknown router_options"):
-        _net(router="light", router_options={"eps": 0.1})  # a descent setting for the light router
+        tiny_qtunet(router="light", router_options={"eps": 0.1})  # a descent setting for the light router
     with pytest.raises(ValueError, match="unknown router_weighting"):
-        _net(router="light", router_weighting="sigmoid-ish")
+        tiny_qtunet(router="light", router_weighting="sigmoid-ish")
     with pytest.raises(ValueError, match="needs a conditional network"):
-        _net().set_capacity(0.5)
+        tiny_qtunet().set_capacity(0.5)
 
 
 def test_named_architectures():
@@ -334,8 +329,8 @@ def test_named_architectures():
             assert net.eval()(torch.randn(shape)).shape == (1, 2, *shape[2:])
 
 
-def test_set_capacity_changes_the_routed_counts():
-    net = _net(router="light", capacity=0.5)
+def test_set_capacity_changes_the_routed_counts(tiny_qtunet):
+    net = tiny_qtunet(router="light", capacity=0.5)
     net.set_capacity({"ff": 0.125})
     routings = [m for m in net.modules() if isinstance(m, BlockRouting)]
     assert routings and all(r.capacity == {"q": 0.5, "kv": 0.5, "ff": 0.125} for r in routings)
@@ -430,12 +425,12 @@ def test_iterative_router_in_float32_under_autocast_and_weights_are_straight_thr
 
 @pytest.mark.parametrize("weighting", ["st", "soft", "softmax"])
 @pytest.mark.parametrize("router", ["light", "iterative"])
-def test_routers_receive_gradients(router, weighting):
+def test_routers_receive_gradients(router, weighting, tiny_qtunet):
     # The iterative router's weights are exactly 1 for saturated tokens, whose gradient is then 0 (that of
     # the exact soft top-k); in this network's 4- and 9-token windows every routed token of a window can
     # saturate, so the test softens the descent (eps 1, CoLT5's upper end) to see a gradient reach every router.
     options = {"eps": 1.0} if router == "iterative" else None
-    net = _net(spatial_dims=2, router=router, router_weighting=weighting, capacity=0.25, router_options=options,
+    net = tiny_qtunet(spatial_dims=2, router=router, router_weighting=weighting, capacity=0.25, router_options=options,
                router_sites=("encoder", "bottleneck", "decoder", "decoder.cross"))
     net(torch.randn(2, 2, 48, 48)).square().mean().backward()
     routers = {n: p for n, p in net.named_parameters() if ".router." in n}
@@ -465,8 +460,8 @@ def test_softmax_weighting_scales_the_heavy_branch_down_as_the_seed_did():
 
 
 @pytest.mark.parametrize("router", ["light", "iterative"])
-def test_odd_sizes_batch_independence_and_gradients(router):
-    net = _net(router=router)
+def test_odd_sizes_batch_independence_and_gradients(router, tiny_qtunet):
+    net = tiny_qtunet(router=router)
     x = torch.randn(2, 2, 23, 37, 19)
     y = net(x)
     assert y.shape == (2, 3, 23, 37, 19) and torch.isfinite(y).all()
@@ -481,15 +476,15 @@ def test_odd_sizes_batch_independence_and_gradients(router):
     pytest.param({"num_stages": 4}, id="4-stages"),
     pytest.param({"patch_size": 2, "router_options": {"ff_group": "window"}}, id="patch-2-ffwindow"),
 ])
-def test_four_stages_and_patch_two_take_odd_sizes(config, spatial_dims, shape):
-    net = _net(spatial_dims=spatial_dims, router="light", **config)
+def test_four_stages_and_patch_two_take_odd_sizes(config, spatial_dims, shape, tiny_qtunet):
+    net = tiny_qtunet(spatial_dims=spatial_dims, router="light", **config)
     with torch.no_grad():
         y = net(torch.randn(shape))
     assert y.shape == (shape[0], 3, *shape[2:]) and torch.isfinite(y).all()
 
 
-def test_checkpointing_gives_same_output_and_gradients():
-    plain = _net(router="iterative", drop_path_rate=0.2)
+def test_checkpointing_gives_same_output_and_gradients(tiny_qtunet):
+    plain = tiny_qtunet(router="iterative", drop_path_rate=0.2)
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing()
     x = torch.randn(1, 2, 20, 24, 16)
@@ -506,8 +501,8 @@ def test_checkpointing_gives_same_output_and_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
-def test_bf16_autocast_training_step():
-    net = _net(router="iterative")
+def test_bf16_autocast_training_step(tiny_qtunet):
+    net = tiny_qtunet(router="iterative")
     with torch.no_grad():
         reference = net.eval()(torch.randn(1, 2, 24, 20, 16))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
@@ -519,9 +514,10 @@ def test_bf16_autocast_training_step():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_traces_at_a_fixed_size(spatial_dims):
-    net = _net(spatial_dims=spatial_dims, router="light", router_options={"ff_group": "window"}).eval()
+def test_traces_at_a_fixed_size(spatial_dims, tiny_qtunet):
+    net = tiny_qtunet(spatial_dims=spatial_dims, router="light", router_options={"ff_group": "window"}).eval()
     x = torch.randn((1, 2, 24, 20, 16) if spatial_dims == 3 else (1, 2, 44, 52))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: the trace is specialised to this size
@@ -532,9 +528,9 @@ def test_traces_at_a_fixed_size(spatial_dims):
         torch.testing.assert_close(traced(other), net(other), atol=1e-5, rtol=1e-4)
 
 
-def test_routed_counts_are_static_per_input_size():
+def test_routed_counts_are_static_per_input_size(tiny_qtunet):
     """k follows the window size alone: the same for every batch and every input of one size."""
-    net = _net(router="light", capacity=0.25)
+    net = tiny_qtunet(router="light", capacity=0.25)
     block = net.encoder_stages[0].blocks[1]
     seen = []
     handle = block.router.q.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
@@ -547,6 +543,7 @@ def test_routed_counts_are_static_per_input_size():
     assert math.ceil(0.25 * 27) == routed_count(0.25, 27) == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["light", "iterative"])
 def test_compiles_without_graph_breaks_and_equals_eager(router):
     """``torch.compile(dynamic=False)`` as the bundles run it (captured with ``aot_eager``, as

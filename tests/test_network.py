@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 from monai.inferers import sliding_window_inference
@@ -19,15 +18,6 @@ from qtunet_monai import QTUNet
 from qtunet_monai.networks import QTUNetEncoder
 from qtunet_monai.networks.blocks import DecoderSubBlock, WindowAttention
 from qtunet_monai.networks.blocks.windows import _cached_geometry, window_geometry
-
-# A small width keeps every test fast; window 3 makes shifted windows appear on small maps.
-SMALL = {"feature_size": 12, "window_size": 3}
-
-
-def _net(**kwargs) -> QTUNet:
-    torch.manual_seed(0)
-    return QTUNet(**{"in_channels": 2, "out_channels": 3, **SMALL, **kwargs})
-
 
 CONFIGS_3D = [
     pytest.param({"decoder": "qt"}, id="qt"),
@@ -39,8 +29,8 @@ CONFIGS_3D = [
 
 
 @pytest.mark.parametrize("config", CONFIGS_3D)
-def test_3d_odd_sizes_batch_two(config):
-    net = _net(**config)
+def test_3d_odd_sizes_batch_two(config, tiny_qtunet):
+    net = tiny_qtunet(**config)
     x = torch.randn(2, 2, 23, 37, 19)
     y = net(x)
     assert y.shape == (2, 3, 23, 37, 19)
@@ -48,8 +38,8 @@ def test_3d_odd_sizes_batch_two(config):
 
 
 @pytest.mark.parametrize("decoder", ["qt", "vt", "none"])
-def test_2d_odd_sizes_batch_two(decoder):
-    net = _net(spatial_dims=2, decoder=decoder)
+def test_2d_odd_sizes_batch_two(decoder, tiny_qtunet):
+    net = tiny_qtunet(spatial_dims=2, decoder=decoder)
     x = torch.randn(3, 2, 45, 71)
     assert net(x).shape == (3, 3, 45, 71)
 
@@ -59,9 +49,9 @@ def test_the_spec_example_size_with_default_window():
     assert net(torch.randn(1, 1, 50, 61, 37)).shape == (1, 2, 50, 61, 37)
 
 
-def test_batch_items_are_independent():
+def test_batch_items_are_independent(tiny_qtunet):
     """Padding, windows and masks must not mix samples of a batch."""
-    net = _net().eval()
+    net = tiny_qtunet().eval()
     x = torch.randn(2, 2, 20, 24, 16)
     with torch.no_grad():
         both = net(x)
@@ -70,8 +60,8 @@ def test_batch_items_are_independent():
 
 
 @pytest.mark.parametrize("config", CONFIGS_3D[:3] + [pytest.param({"spatial_dims": 2}, id="2d")])
-def test_gradients_reach_every_parameter(config):
-    net = _net(**config)
+def test_gradients_reach_every_parameter(config, tiny_qtunet):
+    net = tiny_qtunet(**config)
     # large enough for a bottleneck of 2 tokens per axis: with one token, its bias gets no gradient
     shape = (1, 2, 64, 56, 40) if config.get("spatial_dims", 3) == 3 else (1, 2, 64, 72)
     net(torch.randn(shape)).square().mean().backward()
@@ -80,8 +70,8 @@ def test_gradients_reach_every_parameter(config):
 
 
 @pytest.mark.parametrize("decoder", ["qt", "vt"])
-def test_checkpointing_gives_same_output_and_gradients(decoder):
-    plain = _net(decoder=decoder, drop_path_rate=0.2)
+def test_checkpointing_gives_same_output_and_gradients(decoder, tiny_qtunet):
+    plain = tiny_qtunet(decoder=decoder, drop_path_rate=0.2)
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing()
     assert all(stage.use_checkpoint for stage in checkpointed.decoder_stages) and checkpointed.head.use_checkpoint
@@ -99,9 +89,9 @@ def test_checkpointing_gives_same_output_and_gradients(decoder):
 
 
 @pytest.mark.parametrize("config", CONFIGS_3D[:3] + [pytest.param({"spatial_dims": 2}, id="2d")])
-def test_fused_and_explicit_attention_agree(config):
-    fused = _net(**config).eval()
-    explicit = _net(**config, fused_attention=False).eval()
+def test_fused_and_explicit_attention_agree(config, tiny_qtunet):
+    fused = tiny_qtunet(**config).eval()
+    explicit = tiny_qtunet(**config, fused_attention=False).eval()
     explicit.load_state_dict(fused.state_dict())
     shape = (2, 2, 24, 28, 20) if config.get("spatial_dims", 3) == 3 else (2, 2, 40, 36)
     x = torch.randn(shape)
@@ -117,8 +107,8 @@ def test_shifted_windows_are_exercised_by_the_small_tests():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_runs_under_autocast(dtype):
-    net = _net().eval()
+def test_runs_under_autocast(dtype, tiny_qtunet):
+    net = tiny_qtunet().eval()
     x = torch.randn(1, 2, 24, 20, 16)
     with torch.no_grad():
         reference = net(x)
@@ -130,8 +120,8 @@ def test_runs_under_autocast(dtype):
     assert (y.float() - reference).abs().mean() < 0.05 * reference.abs().mean() + 1e-3
 
 
-def test_training_step_under_bf16_autocast():
-    net = _net()
+def test_training_step_under_bf16_autocast(tiny_qtunet):
+    net = tiny_qtunet()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = net(torch.randn(1, 2, 16, 16, 16)).float().square().mean()
@@ -140,8 +130,8 @@ def test_training_step_under_bf16_autocast():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-def test_masks_and_indices_are_built_once_per_size():
-    net = _net().eval()
+def test_masks_and_indices_are_built_once_per_size(tiny_qtunet):
+    net = tiny_qtunet().eval()
     x = torch.randn(1, 2, 28, 24, 20)
     with torch.no_grad():
         net(x)
@@ -151,8 +141,8 @@ def test_masks_and_indices_are_built_once_per_size():
     assert _cached_geometry.cache_info().misses == misses
 
 
-def test_geometry_built_in_inference_mode_serves_training():
-    net = _net()
+def test_geometry_built_in_inference_mode_serves_training(tiny_qtunet):
+    net = tiny_qtunet()
     x = torch.randn(1, 2, 36, 20, 20)  # a size no other test uses, so inference mode builds the cache
     with torch.inference_mode():
         net.eval()(x)
@@ -160,14 +150,15 @@ def test_geometry_built_in_inference_mode_serves_training():
     assert net.patch_embed.proj.weight.grad is not None
 
 
-def test_sliding_window_inference_with_monai():
-    net = _net().eval()
+def test_sliding_window_inference_with_monai(tiny_qtunet):
+    net = tiny_qtunet().eval()
     image = torch.randn(1, 2, 40, 35, 30)
     with torch.no_grad():
         out = sliding_window_inference(image, roi_size=(24, 24, 24), sw_batch_size=2, predictor=net, overlap=0.5)
     assert out.shape == (1, 3, 40, 35, 30)
 
 
+@pytest.mark.slow
 def test_overfits_one_synthetic_volume():
     """The network learns: Dice loss on one volume with a sphere and a cube falls steeply."""
     torch.manual_seed(0)
@@ -191,8 +182,8 @@ def test_overfits_one_synthetic_volume():
     assert max(losses[-5:]) < 0.25, losses
 
 
-def test_chunked_inference_head_equals_the_full_head():
-    net = _net().eval()
+def test_chunked_inference_head_equals_the_full_head(tiny_qtunet):
+    net = tiny_qtunet().eval()
     net.head.expand.inference_chunk = 50  # far fewer tokens than the map has, so the head runs in chunks
     x = torch.randn(1, 2, 40, 36, 28)
     with torch.no_grad():
@@ -201,16 +192,8 @@ def test_chunked_inference_head_equals_the_full_head():
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-4)
 
 
-def test_an_explicit_feature_size_that_contradicts_the_variant_is_an_error():
-    with pytest.raises(ValueError, match=r"variant='base' means feature_size=96, but feature_size=48"):
-        QTUNet(1, 2, feature_size=48, variant="base")
-    assert QTUNet(1, 2, feature_size=96, variant="base").feature_size == 96
-    assert QTUNet(1, 2, variant="small").feature_size == 72
-    assert QTUNet(1, 2).feature_size == 48
-
-
-def test_forward_features_are_what_the_decoder_reads():
-    net = _net(decoder="vt").eval()
+def test_forward_features_are_what_the_decoder_reads(tiny_qtunet):
+    net = tiny_qtunet(decoder="vt").eval()
     x = torch.randn(1, 2, 40, 36, 28)
     with torch.no_grad():
         features = net.forward_features(x)
@@ -219,12 +202,12 @@ def test_forward_features_are_what_the_decoder_reads():
         assert [len(kv) for kv in features.keys_values] == [2, 2, 2]  # the VT decoder reads them per sub-block
         decoded = net.forward_decoder(features)
         torch.testing.assert_close(net.head(decoded[-1], x.shape[2:]), net(x))
-    assert _net(decoder="qt").forward_features(x).keys_values is None
+    assert tiny_qtunet(decoder="qt").forward_features(x).keys_values is None
 
 
-def test_the_encoder_alone_builds_no_decoder_and_matches_qtunets_encoder():
-    net = _net().eval()
-    encoder = QTUNetEncoder(2, **SMALL).eval()
+def test_the_encoder_alone_builds_no_decoder_and_matches_qtunets_encoder(tiny_qtunet):
+    net = tiny_qtunet().eval()
+    encoder = QTUNetEncoder(2, feature_size=12, window_size=3).eval()  # tiny_qtunet's encoder
     assert not any(k.startswith(("decoder_stages", "expansions", "skip_projections", "head")) for k in encoder.state_dict())
     report = net.load_state_dict(encoder.state_dict(), strict=False)
     assert report.unexpected_keys == []
@@ -233,8 +216,8 @@ def test_the_encoder_alone_builds_no_decoder_and_matches_qtunets_encoder():
         torch.testing.assert_close(encoder(x), net.forward_features(x).bottleneck.movedim(-1, 1))
 
 
-def test_no_weight_decay_names_exactly_the_relative_position_bias_tables():
-    net = _net(decoder="qt")
+def test_no_weight_decay_names_exactly_the_relative_position_bias_tables(tiny_qtunet):
+    net = tiny_qtunet(decoder="qt")
     tables = {f"{name}.relative_position_bias_table" for name, m in net.named_modules()
               if isinstance(m, WindowAttention)}
     assert net.no_weight_decay() == tables
@@ -245,8 +228,8 @@ def test_no_weight_decay_names_exactly_the_relative_position_bias_tables():
 
 
 @pytest.mark.parametrize("decoder", ["qt", "vt", "none"])
-def test_every_decoder_sub_block_has_the_one_interface(decoder):
-    net = _net(decoder=decoder)
+def test_every_decoder_sub_block_has_the_one_interface(decoder, tiny_qtunet):
+    net = tiny_qtunet(decoder=decoder)
     blocks = [block for stage in net.decoder_stages for block in stage.blocks]
     assert all(isinstance(block, DecoderSubBlock) for block in blocks)
     assert {block.needs_encoder_kv for block in blocks} == {decoder == "vt"}
@@ -266,8 +249,8 @@ def test_every_decoder_sub_block_has_the_one_interface(decoder):
     pytest.param({"patch_size": 2}, id="patch-2"),
     pytest.param({"num_stages": 4, "patch_size": 2, "decoder": "vt"}, id="4-stages-patch-2-vt"),
 ])
-def test_four_stages_and_patch_two_take_odd_sizes(config, spatial_dims, shape):
-    net = _net(spatial_dims=spatial_dims, **config)
+def test_four_stages_and_patch_two_take_odd_sizes(config, spatial_dims, shape, tiny_qtunet):
+    net = tiny_qtunet(spatial_dims=spatial_dims, **config)
     y = net(torch.randn(shape))
     assert y.shape == (shape[0], 3, *shape[2:])
     assert torch.isfinite(y).all()
@@ -278,8 +261,8 @@ def test_four_stages_and_patch_two_take_odd_sizes(config, spatial_dims, shape):
     assert net.head.expand.factors == (config.get("patch_size", 4),) * spatial_dims
 
 
-def test_deep_supervision_outputs_in_training_and_plain_logits_in_eval():
-    net = _net(deep_supervision=True, num_stages=4, patch_size=2)
+def test_deep_supervision_outputs_in_training_and_plain_logits_in_eval(tiny_qtunet):
+    net = tiny_qtunet(deep_supervision=True, num_stages=4, patch_size=2)
     x = torch.randn(2, 2, 37, 29, 23)
     outputs = net.train()(x)
     # the full-size logits, then each decoder stage but the last, finest first, on its own token grid
@@ -290,13 +273,13 @@ def test_deep_supervision_outputs_in_training_and_plain_logits_in_eval():
     with torch.no_grad():
         logits = net.eval()(x)
     torch.testing.assert_close(logits, outputs[0].detach())  # no dropout or drop path: train and eval agree
-    plain = _net(num_stages=4, patch_size=2)
+    plain = tiny_qtunet(num_stages=4, patch_size=2)
     aux = {k for k in net.state_dict() if k.startswith("aux_heads.")}
     assert set(net.state_dict()) - aux == set(plain.state_dict())  # deep supervision only adds the heads
 
 
-def test_deep_supervision_network_traces_to_plain_logits():
-    net = _net(deep_supervision=True).train()
+def test_deep_supervision_network_traces_to_plain_logits(tiny_qtunet):
+    net = tiny_qtunet(deep_supervision=True).train()
     x = torch.randn(1, 2, 24, 24, 20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: the trace is specialised to this size
@@ -305,24 +288,9 @@ def test_deep_supervision_network_traces_to_plain_logits():
     assert isinstance(y, torch.Tensor) and y.shape == (1, 3, 24, 24, 20)
 
 
-def test_deep_supervision_loss_with_zero_auxiliary_weights_is_the_plain_loss():
-    net = _net(deep_supervision=True, spatial_dims=2)
-    x = torch.randn(2, 2, 64, 48)
-    label = torch.randint(0, 3, (2, 1, 64, 48)).float()
-    outputs = net(x)
-    assert len(outputs) == 3
-    dice = DiceLoss(to_onehot_y=True, softmax=True)
-    zero_aux = DeepSupervisionLoss(dice, weights=[1.0, 0.0, 0.0])(outputs, label)
-    torch.testing.assert_close(zero_aux, dice(outputs[0], label))
-    # nnU-Net's halving weights: 1, 1/2, 1/4 of the losses against labels resized to each output
-    halving = DeepSupervisionLoss(dice, weight_mode="exp")(outputs, label)
-    aux = [dice(o, F.interpolate(label, size=o.shape[2:], mode="nearest-exact")) for o in outputs[1:]]
-    torch.testing.assert_close(halving, dice(outputs[0], label) + aux[0] / 2 + aux[1] / 4)
-
-
-def test_deep_supervision_trains_in_monais_supervised_trainer():
+def test_deep_supervision_trains_in_monais_supervised_trainer(tiny_qtunet):
     """What a bundle needs: the network argument and the loss wrapped in DeepSupervisionLoss."""
-    net = _net(deep_supervision=True)
+    net = tiny_qtunet(deep_supervision=True)
     data = [{"image": torch.randn(2, 16, 16, 16), "label": torch.randint(0, 3, (1, 16, 16, 16)).float()}] * 2
     loss = DeepSupervisionLoss(DiceLoss(to_onehot_y=True, softmax=True), weight_mode="exp")
     trainer = SupervisedTrainer(

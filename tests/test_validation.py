@@ -33,8 +33,10 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_variant_shortcut_sets_the_width():
+    assert QTUNet(1, 2).feature_size == 48
     assert QTUNet(1, 2, variant="small").feature_size == 72
     assert QTUNet(1, 2, variant="B").feature_size == 96
+    assert QTUNet(1, 2, feature_size=96, variant="base").feature_size == 96  # agreeing with the variant is fine
 
 
 def test_unknown_architecture():
