@@ -16,6 +16,7 @@ from qtunet_monai.networks import QTUNet
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_compiled_graph_equals_eager_over_two_sizes_one_graph_per_size():
     """What the bundles' ``--compile True`` runs, ``torch.compile(network, dynamic=False)``: forward and
     backward equal eager for padded and shifted windows, a second size compiles one more graph, the first
