@@ -282,6 +282,7 @@ def explain(
     split: str = "testing",
     checkpoint: str = "models/model.pt",
     figures_dir: str | None = None,
+    label: str | None = None,
 ) -> None:
     """Look inside a trained QT-UNet bundle (see qtunet_monai.explain).
 
@@ -290,6 +291,9 @@ def explain(
     (NIfTI in the image's grid and affine, PNG figures), and the mean attention distance in mm per block
     and head (CSV and PNG). With ``--ablate``: Dice on the ``split`` cases as trained and with each listed
     ablation (blocks' attention replaced by the identity/skip), as a table and ``ablation.json``.
+    A CCT network (``--skip cct``) also gets its channel attention maps and the attention mass per scale,
+    and ``--ablate`` takes ``skip.cct`` (plain skips) and ``skip.gate`` (no CCA gate); a conditional network
+    (``--router``) gets its router scores, heavy selections and the heavy share per class.
 
     Args:
         bundle_dir: the trained bundle.
@@ -301,6 +305,8 @@ def explain(
         split: data-list split (with labels) for the ablation Dice.
         checkpoint: the weights, relative to the bundle.
         figures_dir: also copy ``cross_attention.png`` and ``attention_distance.png`` here (e.g. docs/).
+        label: a label of ``image`` for the heavy share per class of a conditional network (default: the
+            prediction).
     """
     import shutil
     from pathlib import Path
@@ -317,8 +323,10 @@ def explain(
         if not Path(image).is_file():
             raise ValueError(f"image {image} does not exist.")
         network, parser = load_bundle_network(bundle_dir, checkpoint)
+        if label is not None and not Path(label).is_file():
+            raise ValueError(f"label {label} does not exist.")
         summary = explain_image(network, image, voxel, str(out), parser.get_parsed_content("preprocessing"),
-                                device=parser.get_parsed_content("device"))
+                                device=parser.get_parsed_content("device"), label_file=label)
         print(f"attention maps of {summary['voxel']} (predicted class {summary['predicted_class_at_voxel']}) "
               f"written under {out}")
         if figures_dir:

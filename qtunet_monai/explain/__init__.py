@@ -1,6 +1,7 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """Look inside a QT-UNet: cross- and self-attention maps of a voxel, attention rollout through the
-encoder, mean attention distance per block and head, and ablation of attention blocks.
+encoder, mean attention distance per block and head, ablation of attention blocks and of UCTransNet's
+skips, a CCT's channel attention, and where a conditional network's routers send the heavy compute.
 
 The tools work on any :class:`~qtunet_monai.networks.QTUNet`, fused attention included: forward
 hooks, registered only while a tool runs and only on the blocks asked for, capture the blocks'
@@ -10,6 +11,7 @@ relative-position bias and shift mask. The network's forward pass and training a
 """
 
 from .ablation import ablate
+from .channels import ChannelAttentionRecorder, SkipSite, attention_mass_table, skip_sites
 from .maps import (
     attention_rollout,
     level_token_spacing,
@@ -27,6 +29,7 @@ from .report import (
     load_bundle_network,
     parse_voxels,
 )
+from .routing import RoutingCapture, RoutingRecorder, heavy_share_table, routed_blocks
 from .sites import (
     AttentionSite,
     attention_probabilities,
@@ -40,22 +43,30 @@ __all__ = [
     "AttentionRecorder",
     "AttentionSite",
     "Capture",
+    "ChannelAttentionRecorder",
+    "RoutingCapture",
+    "RoutingRecorder",
+    "SkipSite",
     "ablate",
     "ablation_dice",
     "attention_distance_table",
+    "attention_mass_table",
     "attention_probabilities",
     "attention_rollout",
     "attention_sites",
     "explain_image",
     "explicit_attention_output",
     "format_ablation_table",
+    "heavy_share_table",
     "level_strides",
     "level_token_spacing",
     "load_bundle_network",
     "mean_attention_distance",
     "parse_voxels",
     "query_attention_map",
+    "routed_blocks",
     "select_sites",
+    "skip_sites",
     "tokens_to_voxels",
     "voxels_to_tokens",
 ]

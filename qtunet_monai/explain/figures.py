@@ -1,6 +1,7 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """PNG figures of attention maps (three orthogonal slices through the chosen voxel, the image
-underneath) and of the mean attention distance per block and head. Needs matplotlib (``[demo]`` extra)."""
+underneath), of the mean attention distance per block and head, of a CCT's channel attention and of
+a conditional network's heavy share per class. Needs matplotlib (``[demo]`` extra)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["distance_figure", "slice_figure"]
+__all__ = ["attention_mass_figure", "channel_map_figure", "distance_figure", "heavy_share_figure", "slice_figure"]
 
 
 def _pyplot():
@@ -110,6 +111,92 @@ def distance_figure(rows: Sequence[dict], path: str, dpi: int = 72) -> None:
     ax.set_ylabel("mean attention distance (mm)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.6) for c in colours.values()]
     ax.legend(handles, ["encoder", "bottleneck", "decoder self", "decoder cross"], fontsize=7, loc="upper left")
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def channel_map_figure(maps: dict, widths: Sequence[int], path: str, dpi: int = 72) -> None:
+    """The CCT's channel attention maps: one row per layer, one column per query scale, each map
+    ``(C_i, C_S)`` with lines between the key scales' channel blocks.
+
+    Args:
+        maps: ``{"layer{l}": [(C_i, C_S) per scale]}`` (:meth:`ChannelAttentionRecorder.maps`).
+        widths: ``C_i`` of each scale.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    layers = list(maps)
+    scales = len(widths)
+    fig, axes = plt.subplots(len(layers), scales, figsize=(2.6 * scales, 1.6 * len(layers) + 0.4), squeeze=False)
+    bounds = np.cumsum(widths)[:-1] - 0.5
+    for row, layer in enumerate(layers):
+        for col, scale_map in enumerate(maps[layer]):
+            ax = axes[row, col]
+            ax.imshow(np.asarray(scale_map, dtype=np.float32), cmap="viridis", aspect="auto", interpolation="nearest")
+            for bound in bounds:
+                ax.axvline(bound, color="white", linewidth=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"queries: stage{col + 1} ({widths[col]} ch.)", fontsize=8)
+        axes[row, 0].set_ylabel(layer, fontsize=8)
+    for col in range(scales):
+        axes[-1, col].set_xlabel("keys: channels of stage 1 | 2 | ...", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def attention_mass_figure(rows: Sequence[dict], path: str, dpi: int = 72) -> None:
+    """The attention mass each scale's channels receive from all queries, per CCT layer (bars), against
+    the share of uniform attention (dashed).
+
+    Args:
+        rows: :func:`~qtunet_monai.explain.channels.attention_mass_table` rows.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    stages = [k for k in rows[0] if k.startswith("stage")]
+    received = [r for r in rows if r["query"] == "all" and r["layer"] != "uniform"]
+    uniform = next(r for r in rows if r["layer"] == "uniform")
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(stages), 2.8))
+    width = 0.8 / max(len(received), 1)
+    for index, row in enumerate(received):
+        xs = np.arange(len(stages)) + (index - (len(received) - 1) / 2) * width
+        ax.bar(xs, [row[s] for s in stages], width, label=row["layer"])
+    for j, stage in enumerate(stages):
+        ax.plot([j - 0.45, j + 0.45], [uniform[stage]] * 2, "k--", linewidth=1)
+    ax.set_xticks(range(len(stages)))
+    ax.set_xticklabels(stages)
+    ax.set_ylabel("attention mass received")
+    ax.legend(fontsize=7, title="dashed: uniform", title_fontsize=7)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def heavy_share_figure(rows: Sequence[dict], path: str, dpi: int = 72) -> None:
+    """Heavy share per class of each router (grouped bars), the capacity marked.
+
+    Args:
+        rows: :func:`~qtunet_monai.explain.routing.heavy_share_table` rows.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    classes = [k for k in rows[0] if k.startswith("share ")]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * len(rows) * max(len(classes), 1) / 2 + 1.5), 3.4))
+    width = 0.8 / max(len(classes), 1)
+    for index, key in enumerate(classes):
+        xs = np.arange(len(rows)) + (index - (len(classes) - 1) / 2) * width
+        ax.bar(xs, [r[key] for r in rows], width, label=key[6:])
+    ax.scatter(range(len(rows)), [r["capacity"] for r in rows], marker="_", s=80, color="black", label="capacity")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["router"].replace("decoder.", "dec.").replace("encoder.", "enc.").replace("block", "b")
+                        for r in rows], rotation=70, fontsize=6)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("heavy share of the class")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout(pad=0.3)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

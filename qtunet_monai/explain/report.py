@@ -13,7 +13,16 @@ Outputs of :func:`explain_image` (under ``out_dir``):
 - ``cross_attention.png``: all decoder cross-attention blocks, head mean, in one figure;
 - ``attention_distance.csv`` and ``.png``: mean attention distance in mm per block and head over the
   whole image;
+- with a CCT (``skip="cct"``): ``channel_attention.npz`` and ``.png``, the channel x channel maps per
+  layer and scale (mean over heads), and ``channel_attention_mass.csv`` and ``.png``, the attention mass
+  each scale's channels receive;
+- with routers (``router=``): ``routing/<router>.nii.gz`` (router score and heavy selection, two
+  channels) and ``routing/<block>.png`` per conditional block, and ``heavy_share.csv`` and ``.png``, the
+  heavy share per class (of the label, or of the prediction without one);
 - ``summary.json``.
+
+The rollout needs the attention of every encoder block; routed blocks run their attention on the
+routed tokens only, so a network with routed encoder blocks gets no rollout.
 """
 
 from __future__ import annotations
@@ -31,7 +40,14 @@ from ..bundle.checkpoints import read_checkpoint
 from ..bundle.errors import reported_cause
 from ..bundle.files import resolve_inside
 from .ablation import ablate
-from .figures import distance_figure, slice_figure
+from .channels import ChannelAttentionRecorder, attention_mass_table
+from .figures import (
+    attention_mass_figure,
+    channel_map_figure,
+    distance_figure,
+    heavy_share_figure,
+    slice_figure,
+)
 from .maps import (
     attention_rollout,
     level_token_spacing,
@@ -41,6 +57,7 @@ from .maps import (
     voxels_to_tokens,
 )
 from .recorder import AttentionRecorder
+from .routing import RoutingRecorder, heavy_share_table
 from .sites import attention_sites, level_strides
 
 __all__ = [
@@ -150,6 +167,8 @@ def explain_image(
     preprocessing=None,
     device: str | torch.device = "cpu",
     figures: bool = True,
+    label_file: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """Write attention maps, rollout and attention distance of ``model`` for ``image_file`` (see the module doc).
 
@@ -162,6 +181,9 @@ def explain_image(
             inference preprocessing); default: load and channel-first only.
         device: where to run the network.
         figures: also write the PNG figures.
+        label_file: a label of ``image_file`` (same grid) for the heavy share per class of a conditional
+            network; default: the network's prediction.
+        class_names: names of the classes in the heavy-share table (default ``class {c}``).
 
     Returns:
         the summary also written to ``summary.json``.
@@ -182,7 +204,8 @@ def explain_image(
                                       str(image_file))
 
     model = model.eval().to(device)
-    with AttentionRecorder(model, list(attention_sites(model))) as recorder:
+    with AttentionRecorder(model, list(attention_sites(model))) as recorder, \
+            ChannelAttentionRecorder(model) as channels, RoutingRecorder(model) as routing:
         logits = model(torch.as_tensor(network_image)[None].float().to(device))
     strides = level_strides(model)
 
@@ -209,10 +232,13 @@ def explain_image(
             figure = str(path).replace(".nii.gz", ".png")
             slice_figure(background, [mean, *volume], titles, center, space.spacing, figure)
 
-    bottleneck = recorder.captures[[n for n in recorder.captures if n.startswith("bottleneck")][-1]]
-    rollout = attention_rollout(model, recorder.captures, query_tokens(bottleneck))  # (1, *stage1 tokens)
-    rollout_volume = space.resample(tokens_to_voxels(rollout, strides[0], network_shape))
-    space.save(rollout_volume, out / "rollout.nii.gz")
+    encoder = [n for n in attention_sites(model) if n.startswith(("encoder.", "bottleneck."))]
+    rollout_volume = None
+    if all(n in recorder.captures for n in encoder):  # routed encoder blocks are not recorded
+        bottleneck = recorder.captures[[n for n in recorder.captures if n.startswith("bottleneck")][-1]]
+        rollout = attention_rollout(model, recorder.captures, query_tokens(bottleneck))  # (1, *stage1 tokens)
+        rollout_volume = space.resample(tokens_to_voxels(rollout, strides[0], network_shape))
+        space.save(rollout_volume, out / "rollout.nii.gz")
 
     from monai.data.utils import affine_to_spacing
 
@@ -223,8 +249,9 @@ def explain_image(
         writer.writeheader()
         writer.writerows(distances)
     if figures:
-        slice_figure(background, [rollout_volume[0]], ["rollout (encoder)"], center, space.spacing,
-                     str(out / "rollout.png"))
+        if rollout_volume is not None:
+            slice_figure(background, [rollout_volume[0]], ["rollout (encoder)"], center, space.spacing,
+                         str(out / "rollout.png"))
         if cross_maps:
             slice_figure(background, cross_maps, cross_titles, center, space.spacing, str(out / "cross_attention.png"))
         distance_figure(distances, str(out / "attention_distance.png"))
@@ -238,11 +265,91 @@ def explain_image(
         "network_spacing_mm": network_spacing,
         "predicted_class_at_voxel": int(predicted),
         "maps": files,
-        "rollout": str(out / "rollout.nii.gz"),
+        "rollout": None if rollout_volume is None else str(out / "rollout.nii.gz"),
         "attention_distance": str(out / "attention_distance.csv"),
     }
+    if channels.active:
+        summary.update(_write_channel_attention(channels, out, figures))
+    if routing.active:
+        labels = logits.argmax(1) if label_file is None else _label_in_network_grid(label_file, space, network_shape)
+        summary.update(_write_routing(routing, labels.to(device), strides, space, background, center, out, figures,
+                                      class_names, "prediction" if label_file is None else str(label_file)))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _write_channel_attention(channels: ChannelAttentionRecorder, out: Path, figures: bool) -> dict:
+    """The CCT's channel maps (``channel_attention.npz``, ``.png``) and attention mass per scale (``.csv``, ``.png``)."""
+    maps = channels.maps()
+    arrays = {f"{layer}.stage{i + 1}": m.float().numpy() for layer, per_scale in maps.items()
+              for i, m in enumerate(per_scale)}
+    np.savez(out / "channel_attention.npz", widths=np.asarray(channels.widths), **arrays)
+    rows = attention_mass_table(maps, channels.widths)
+    with open(out / "channel_attention_mass.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if figures:
+        channel_map_figure(maps, channels.widths, str(out / "channel_attention.png"))
+        attention_mass_figure(rows, str(out / "channel_attention_mass.png"))
+    return {"channel_attention": str(out / "channel_attention.npz"),
+            "channel_attention_mass": str(out / "channel_attention_mass.csv")}
+
+
+def _label_in_network_grid(label_file: str, space: _InputSpace, network_shape: Sequence[int]) -> torch.Tensor:
+    """A label of the input file, resampled (nearest) onto the network's grid: ``(1, *network_shape)``."""
+    import nibabel as nib
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    try:
+        header = nib.load(label_file)
+        data = np.asanyarray(header.dataobj)
+    except Exception as e:
+        raise ValueError(f"cannot read {label_file} as NIfTI: {e}") from e
+    if (tuple(data.shape[:3]) != space.shape or data.size != int(np.prod(space.shape))
+            or not np.allclose(header.affine, space.affine, atol=1e-4)):
+        raise ValueError(f"label {label_file} does not share the grid of {space.file} (shape {tuple(data.shape)} vs "
+                         f"{space.shape}, or a different affine).")
+    source = MetaTensor(torch.as_tensor(np.asarray(data, dtype=np.float32).reshape(space.shape))[None],
+                        affine=torch.as_tensor(space.affine))
+    resampled = SpatialResample(mode="nearest", padding_mode="zeros")(
+        source, dst_affine=torch.as_tensor(space.network_affine), spatial_size=tuple(network_shape))
+    return torch.as_tensor(np.asarray(resampled)).round().long()
+
+
+def _write_routing(routing: RoutingRecorder, labels: torch.Tensor, strides, space: _InputSpace,
+                   background: np.ndarray, center: Sequence[int], out: Path, figures: bool,
+                   class_names: Sequence[str] | None, labels_from: str) -> dict:
+    """Router scores and heavy selection per router (NIfTI in the input's space, PNG per block) and the
+    heavy share per class (``heavy_share.csv``, ``.png``)."""
+    network_shape = tuple(labels.shape[1:])
+    files: dict[str, str] = {}
+    by_block: dict[str, list] = {}
+    for name, capture in routing.captures.items():
+        stride = strides[capture.level]
+        grid = torch.stack([capture.scores[0].float(), capture.selected[0].float()])  # (2, *tokens), first case
+        volume = space.resample(tokens_to_voxels(grid, stride, network_shape))
+        path = out / "routing" / f"{name}.nii.gz"
+        space.save(volume, path)
+        files[name] = str(path)
+        block = next(b for b in routing.blocks if name.startswith(b + "."))
+        by_block.setdefault(block, []).append((name[len(block) + 1:], volume[1]))
+    if figures:
+        for block, panels in by_block.items():
+            titles = [f"heavy: {sub}" for sub, _ in panels]
+            slice_figure(background, [v for _, v in panels], titles, center, space.spacing,
+                         str(out / "routing" / f"{block}.png"))
+    rows = heavy_share_table(routing.captures, labels, strides, class_names)
+    for row in rows:
+        row["labels"] = labels_from
+    with open(out / "heavy_share.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if figures:
+        heavy_share_figure(rows, str(out / "heavy_share.png"))
+    return {"routing": files, "heavy_share": str(out / "heavy_share.csv")}
 
 
 def _first_channel(image_file: str) -> np.ndarray:
