@@ -387,3 +387,87 @@ def test_named_architectures():
     assert net.decoder_type == "none" and net.skip_type == "cct" and net.cca
     with torch.no_grad():
         assert net(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the network suites with the option on: attention backends, deep supervision, compile, ONNX
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+    _BACKENDS = ["sdpa", "explicit", "flex"]
+except ImportError:  # pragma: no cover - older torch
+    _BACKENDS = ["sdpa", "explicit"]
+
+
+def test_attention_backends_agree_with_the_option_on():
+    """sdpa, explicit and (forward only on CPU) flex attention give the same CCT network output."""
+    x = torch.randn(1, 1, 24, 20, 28)
+    outputs = []
+    for backend in _BACKENDS:
+        net = _net(skip="cct", cct_preset="lite", attention_backend=backend).eval()
+        _randomise_reconstruction(net)
+        with torch.no_grad():
+            outputs.append(net(x))
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-4)
+    # training through the explicit path reaches the CCT
+    net = _net(skip="cct", cct_preset="lite", attention_backend="explicit")
+    _randomise_reconstruction(net)
+    net(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.skip_fusion.parameters())
+
+
+@pytest.mark.parametrize("decoder", ["qt", "none"])
+def test_deep_supervision_training_step_with_the_option_on(decoder):
+    net = _net(spatial_dims=2, skip="cct", cct_preset="lite", decoder=decoder, deep_supervision=True).train()
+    _randomise_reconstruction(net)
+    x = torch.randn(2, 1, 44, 36)
+    outputs = net(x)
+    assert isinstance(outputs, list) and len(outputs) == 3 and outputs[0].shape == (2, 2, 44, 36)
+    sum(o.float().square().mean() for o in outputs).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.skip_fusion.reconstructions.parameters())
+    with torch.no_grad():
+        assert torch.is_tensor(net.eval()(x))  # one output at inference
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_breaks_and_equals_eager():
+    """``torch.compile(dynamic=False)`` captured with ``aot_eager`` (as tests/test_compile.py does): forward and
+    backward equal eager with the CCT and the gates on, one graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),
+                 skip="cct", cct_preset="lite")
+    _randomise_reconstruction(net)
+    compiled = torch.compile(net, backend="aot_eager", dynamic=False)
+    x = torch.randn(2, 1, 20, 24)
+    expected = net(x)
+    expected_grads = torch.autograd.grad(expected.square().mean(), list(net.parameters()), allow_unused=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().mean(), list(net.parameters()), allow_unused=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        if expected_grad is not None:
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+    breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert not breaks, breaks
+    assert graphs == 1
+
+
+@pytest.mark.slow
+def test_onnx_export_at_the_roi_equals_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from qtunet_monai.bundle.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),
+                 skip="cct", cct_preset="lite")
+    _randomise_reconstruction(net)
+    report = export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 20, 24])
+    assert not report["dynamic_spatial_size"] and max(report["max_abs_difference"].values()) <= 1e-4

@@ -569,3 +569,42 @@ def test_compiles_without_graph_breaks_and_equals_eager(router):
     torch._dynamo.reset()
     assert not breaks, breaks
     assert graphs == 1
+
+
+@pytest.mark.parametrize("router", ["light", "iterative"])
+def test_attention_backends_agree_in_the_network(router, tiny_qtunet):
+    """sdpa, explicit and (forward only on CPU) flex attention give the same conditional network output on a
+    padded, shifted size."""
+    x = torch.randn(1, 2, 23, 20, 16)
+    outputs = []
+    for backend in BACKENDS:
+        net = tiny_qtunet(router=router, capacity=0.5, attention_backend=backend).eval()
+        with torch.no_grad():
+            outputs.append(net(x))
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-4)
+
+
+def test_deep_supervision_training_step_with_a_router(tiny_qtunet):
+    net = tiny_qtunet(spatial_dims=2, router="light", capacity=0.5, deep_supervision=True).train()
+    x = torch.randn(2, 2, 44, 36)
+    outputs = net(x)
+    assert isinstance(outputs, list) and len(outputs) == 3 and outputs[0].shape == (2, 3, 44, 36)
+    sum(o.square().mean() for o in outputs).backward()
+    routers = [p for n, p in net.named_parameters() if ".router." in n and n.endswith(".weight")]
+    assert routers and all(p.grad is not None and torch.isfinite(p.grad).all() for p in routers)
+    with torch.no_grad():
+        assert torch.is_tensor(net.eval()(x))
+
+
+@pytest.mark.slow
+def test_onnx_export_at_the_roi_equals_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from qtunet_monai.bundle.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),
+                 router="light", capacity=0.5, router_options={"ff_group": "window"})
+    report = export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 20, 24])
+    assert not report["dynamic_spatial_size"] and max(report["max_abs_difference"].values()) <= 1e-4
