@@ -22,7 +22,6 @@ from qtunet_monai.bundle.architectures import BASELINES, DivisiblePadNet, build_
 from qtunet_monai.bundle.datalist import DataError
 from qtunet_monai.bundle.folds import fold_assignment, load_fold, write_folds
 from qtunet_monai.bundle.inference import FlipTTAInferer, FoldEnsemble, InferenceTimer, probabilities
-from qtunet_monai.cli import fake_data, prepare_data
 from qtunet_monai.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +163,7 @@ def test_build_network_keeps_the_thesis_architectures_and_refuses_unknown_ones()
     assert isinstance(outputs, list) and len(outputs) >= 2 and all(o.shape == (1, 4, 32, 32, 32) for o in outputs)
 
 
+@pytest.mark.slow
 def test_onnx_export_with_a_dynamic_spatial_size_equals_pytorch_at_two_sizes(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -178,9 +178,23 @@ def test_onnx_export_with_a_dynamic_spatial_size_equals_pytorch_at_two_sizes(tmp
     assert json.loads((tmp_path / "model.json").read_text()) == report
 
 
+def test_qtunet_refuses_a_dynamic_onnx_export_and_further_check_shapes(tmp_path):
+    """QT-UNet's window geometry is computed from Python integers, so its graph is valid at one size: a dynamic
+    export, or checks at other sizes, are refused before anything is exported (see bundle.onnx_export)."""
+    from qtunet_monai import QTUNet
+    from qtunet_monai.bundle.onnx_export import export_onnx
+
+    net = QTUNet(1, 3, spatial_dims=2, feature_size=12)
+    with pytest.raises(ValueError, match="cannot be exported with a dynamic spatial size"):
+        export_onnx(net, str(tmp_path / "dynamic.onnx"), [1, 1, 56, 56], dynamic=True)
+    with pytest.raises(ValueError, match="fixed-size ONNX model only takes its example shape"):
+        export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 56, 56], check_shapes=[[1, 1, 28, 28]])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_qtunet_onnx_export_is_fixed_size_and_equals_pytorch(tmp_path):
-    """QT-UNet's window geometry is computed from Python integers, so its graph is valid at one size:
-    exported at the ROI and refused a dynamic export (see qtunet_monai.bundle.onnx_export)."""
+    """Exported at the ROI, onnxruntime computes what PyTorch does (refusals: the test above)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from qtunet_monai import QTUNet
@@ -188,12 +202,8 @@ def test_qtunet_onnx_export_is_fixed_size_and_equals_pytorch(tmp_path):
 
     torch.manual_seed(0)
     net = QTUNet(1, 3, spatial_dims=2, feature_size=12)
-    with pytest.raises(ValueError, match="cannot be exported with a dynamic spatial size"):
-        export_onnx(net, str(tmp_path / "dynamic.onnx"), [1, 1, 56, 56], dynamic=True)
     report = export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 56, 56])  # about a minute: one size only
     assert not report["dynamic_spatial_size"] and max(report["max_abs_difference"].values()) <= 1e-4
-    with pytest.raises(ValueError, match="fixed-size ONNX model only takes its example shape"):
-        export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 56, 56], check_shapes=[[1, 1, 28, 28]])
     assert all(m.fused_attention for m in net.modules() if hasattr(m, "fused_attention"))  # restored
 
 
@@ -236,21 +246,10 @@ def test_keep_largest_removes_a_planted_island():
     assert torch.equal(only_csf({"pred": label.clone()})["pred"], label)
 
 
-def _task_bundle(data: str, tmp_path, monkeypatch) -> Path:
-    """A copy of a task bundle with fake data in its data list, as the working directory."""
-    task = next(t for t in TASKS.values() if t.data == data)
-    bundle = tmp_path / task.bundle
-    shutil.copytree(REPO / "bundles" / task.bundle, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
-    fake_data(task.data, str(tmp_path / "raw"))
-    prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
-    monkeypatch.chdir(bundle)
-    return bundle
-
-
 @pytest.fixture
-def spleen_bundle(tmp_path, monkeypatch):
+def spleen_bundle(task_bundle):
     """The MSD spleen bundle with 4 fake training cases and 1 validation case."""
-    return _task_bundle("msd_spleen", tmp_path, monkeypatch)
+    return task_bundle("msd_spleen")
 
 
 # SwinUNETR (padded to 64^3 at least) and UNETR (ViT-B) are heavy on a CPU in 3D: they run on the 2D CityScapes
@@ -259,11 +258,12 @@ BASELINE_TASKS = {"SwinUNETR": "cityscapes", "UNETR": "cityscapes", "SegResNet":
                   "DynUNet": "msd_spleen"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BASELINES)
-def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, tmp_path, monkeypatch):
+def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, task_bundle):
     """--architecture X changes the network only: train one epoch, evaluate and infer with the same configs,
     at an ROI that SwinUNETR and UNETR (and SegResNet in 3D) only take padded."""
-    bundle = _task_bundle(BASELINE_TASKS[name], tmp_path, monkeypatch)
+    bundle = task_bundle(BASELINE_TASKS[name])
     dims = 2 if BASELINE_TASKS[name] == "cityscapes" else 3
     over = {"roi_size": [48] * dims if dims == 2 else [20] * dims, "num_workers": 0, "architecture": name}
     run(config_file="configs/train.json", max_epochs=1, val_interval=1, **over)
@@ -284,6 +284,7 @@ def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, tmp_p
         assert max(report["max_abs_difference"].values()) <= 1e-4
 
 
+@pytest.mark.slow
 def test_folds_tta_keep_largest_and_the_fold_ensemble_through_the_bundle_configs(spleen_bundle):
     over = {"roi_size": [32, 32, 32], "num_workers": 0, "num_folds": 2}
     for fold in (0, 1):

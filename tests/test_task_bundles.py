@@ -17,7 +17,6 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, run, verify_net_in_out
 
-from qtunet_monai.cli import fake_data, prepare_data
 from qtunet_monai.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +36,7 @@ def test_committed_bundles_match_their_tasks():
         [*TASKS, "qtunet_demo_mri_reconstruction"])
 
 
+@pytest.mark.slow
 def test_generator_check_fails_on_drift(tmp_path):
     """``tools/generate_bundles.py --check`` exits 1 naming a hand-edited file, 0 once regenerated."""
     name = "qtunet_demo_brain_tissue_segmentation"
@@ -133,13 +133,10 @@ def _overrides(task) -> dict:
     return over
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASK_BUNDLES, ids=[t.data for t in TASK_BUNDLES])
-def test_bundle_end_to_end_on_fake_data(task, tmp_path, monkeypatch):
-    bundle = tmp_path / task.bundle
-    shutil.copytree(REPO / "bundles" / task.bundle, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
-    fake_data(task.data, str(tmp_path / "raw"))
-    prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
-    monkeypatch.chdir(bundle)
+def test_bundle_end_to_end_on_fake_data(task, task_bundle):
+    bundle = task_bundle(task.data)
     over = _overrides(task)
 
     verify_net_in_out("network_def", meta_file="configs/metadata.json", config_file="configs/inference.json",
@@ -181,15 +178,12 @@ def test_bundle_end_to_end_on_fake_data(task, tmp_path, monkeypatch):
     assert torch.jit.load("models/model.ts")(torch.randn(shape)).shape == (1, task.num_classes, *over["roi_size"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["btcv", "cityscapes", "ctssl", "mrissl"])
-def test_pretrain_then_finetune_on_fake_data(key, tmp_path, monkeypatch, capsys):
+def test_pretrain_then_finetune_on_fake_data(key, task_bundle, capsys):
     """configs/pretrain.json writes the encoder; a task bundle starts from it with --finetune True."""
     task = next(t for t in TASKS.values() if t.data == key)
-    bundle = tmp_path / task.bundle
-    shutil.copytree(REPO / "bundles" / task.bundle, bundle, ignore=shutil.ignore_patterns("data", "models", "eval"))
-    fake_data(task.data, str(tmp_path / "raw"))
-    prepare_data(task.data, str(tmp_path / "raw"), str(bundle / "data" / "datalist.json"))
-    monkeypatch.chdir(bundle)
+    bundle = task_bundle(key)
     roi = [64, 64] if task.spatial_dims == 2 else [32, 32, 32]
     run(config_file="configs/pretrain.json", max_epochs=2, batch_size=2, roi_size=roi, num_workers=0)
     encoder = torch.load("models/pretrained.pt", weights_only=True)
