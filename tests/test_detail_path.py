@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser, run
-from test_bundle_options import _task_bundle
 
 from qtunet_monai import QTUNet
 from qtunet_monai.bundle import PRESETS, SettingError, build_network
@@ -109,6 +108,7 @@ def test_detail_path_runs_under_bf16_autocast():
     assert (low.float().argmax(1) == full.argmax(1)).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_detail_path_traces_and_exports_to_onnx_at_the_roi(tmp_path):
     torch.manual_seed(0)
     net = QTUNet(1, 3, spatial_dims=2, **TINY, detail_widths=(8, 16)).eval()
@@ -124,6 +124,7 @@ def test_detail_path_traces_and_exports_to_onnx_at_the_roi(tmp_path):
     assert max(report["max_abs_difference"].values()) <= 1e-4
 
 
+@pytest.mark.slow
 def test_detail_path_compiles_to_one_graph_equal_to_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -172,6 +173,7 @@ def test_preset_sets_the_network_and_recipe_and_an_explicit_key_wins():
     assert isinstance(reported_cause(error.value), SettingError)
 
 
+@pytest.mark.slow
 def test_unknown_preset_is_a_one_line_error(tmp_path):
     bundle = tmp_path / "demo"
     shutil.copytree(DEMO, bundle, ignore=shutil.ignore_patterns("data", "models", "eval", "docs"))
@@ -183,10 +185,36 @@ def test_unknown_preset_is_a_one_line_error(tmp_path):
     assert "unknown preset 'fastest'" in last and "Traceback" not in done.stderr
 
 
-def test_time_budget_stops_training_and_keeps_a_loadable_best_model(tmp_path, monkeypatch):
+def test_time_budget_stops_at_the_last_whole_epoch_that_fits(tmp_path):
+    """The budget handler alone on an ignite engine whose epochs take 0.2 s: with 0.5 s, after epoch 2 another
+    epoch would end at about 0.6 s, so the run stops there; the record says so and says how long it took."""
+    import time
+
+    from ignite.engine import Engine
+
+    from qtunet_monai.bundle.budget import TrainingTimeBudget
+
+    with pytest.raises(ValueError, match="time_budget_min must be >= 0"):
+        TrainingTimeBudget(-1)
+    engine = Engine(lambda engine, batch: time.sleep(0.2))
+    TrainingTimeBudget(0.5 / 60, path=str(tmp_path / "training_time.json")).attach(engine)
+    engine.run([0], max_epochs=10)
+    record = json.loads((tmp_path / "training_time.json").read_text())
+    assert engine.state.epoch == 2 and record["stopped_by_budget"]
+    assert (record["epochs"], record["max_epochs"], record["validations"]) == (2, 10, [])
+    assert 0.4 <= record["wall_s"] < 1.0
+    unlimited = Engine(lambda engine, batch: None)
+    TrainingTimeBudget(0, path=str(tmp_path / "unlimited.json")).attach(unlimited)
+    unlimited.run([0], max_epochs=3)
+    assert json.loads((tmp_path / "unlimited.json").read_text())["stopped_by_budget"] is False
+    assert unlimited.state.epoch == 3
+
+
+@pytest.mark.slow
+def test_time_budget_stops_training_and_keeps_a_loadable_best_model(task_bundle):
     """--time_budget_min: the run ends at the first epoch end after which another would overrun, validates
     that epoch, keeps the best model and records the budget; the detail path trains through the bundle."""
-    bundle = _task_bundle("msd_spleen", tmp_path, monkeypatch)
+    bundle = task_bundle("msd_spleen")
     over = {"roi_size": [32, 32, 32], "num_workers": 0, "detail_widths": [8, 16]}
     run(config_file="configs/train.json", max_epochs=4, val_interval=3, time_budget_min=0.001, **over)
     record = json.loads((bundle / "eval" / "training_time.json").read_text())
