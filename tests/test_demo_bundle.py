@@ -21,6 +21,7 @@ import torch
 from qtunet_monai.bundle.presets import network_options
 
 pytest.importorskip("nilearn")
+pytestmark = pytest.mark.slow  # the demo bundle end to end, in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
@@ -82,11 +83,16 @@ def test_monai_bundle_checks(bundle):
     (bundle / "models").mkdir()
     from qtunet_monai import QTUNet
 
-    torch.save(QTUNet(1, 4, **network_options("accurate")).state_dict(), bundle / "models" / "model.pt")
+    net = QTUNet(1, 4, **network_options("accurate")).eval()
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
     _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
           "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json", "--config_file",
           "configs/inference.json", "--use_trace", "True"], bundle)
-    assert torch.jit.load(bundle / "models" / "model.ts")(torch.randn(1, 1, 56, 56, 56)).shape == (1, 4, 56, 56, 56)
+    x = torch.randn(1, 1, 56, 56, 56)
+    with torch.no_grad():
+        exported = torch.jit.load(bundle / "models" / "model.ts")(x)
+        assert exported.shape == (1, 4, 56, 56, 56)
+        torch.testing.assert_close(exported, net(x))  # the traced graph computes the checkpoint's network
 
 
 def test_train_evaluate_infer_end_to_end(bundle, demo_data):
