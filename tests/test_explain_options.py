@@ -207,7 +207,6 @@ def _bundle(root: Path, network_overrides: dict, state: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_bundle_ablation_of_cct_and_gate_scores_the_plain_networks_dice(tmp_path):
     from monai.bundle import ConfigParser
 
