@@ -5,6 +5,9 @@ new size; and the ``compile`` switch of the bundles and the Auto3DSeg template."
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +50,7 @@ def test_compiled_graph_equals_eager_over_two_sizes_one_graph_per_size():
     assert graphs == [1, 2, 2], graphs  # one graph per size, none for a size seen before
 
 
-def test_bundle_compile_switch_wraps_only_the_engines_network():
+def test_bundle_compile_switch_goes_to_the_engines_and_leaves_the_network_plain():
     from monai.bundle import ConfigParser
 
     configs = REPO / "bundles" / "qtunet_brats21_segmentation" / "configs"
@@ -56,14 +59,47 @@ def test_bundle_compile_switch_wraps_only_the_engines_network():
         assert config["compile"] is False
         parser = ConfigParser(config)
         parser.update({"compile": True, "device": "$torch.device('cpu')", "variant": "tiny"})
-        network, engine_network = parser.get_parsed_content("network"), parser.get_parsed_content("engine_network")
-        assert isinstance(engine_network, torch._dynamo.eval_frame.OptimizedModule)
-        assert engine_network._orig_mod is network  # checkpoints and the optimiser keep the plain network
+        network = parser.get_parsed_content("network")
+        assert not isinstance(network, torch._dynamo.eval_frame.OptimizedModule)  # what checkpoints save
         for engine in engines:
-            assert parser[engine]["network"] == "@engine_network"
-        parser.update({"compile": False})
-        parser.parse()
-        assert parser.get_parsed_content("engine_network") is parser.get_parsed_content("network")
+            assert parser[engine]["network"] == "@network"
+            assert parser.get_parsed_content(f"{engine}#compile") is True
+            assert parser[engine]["compile_kwargs"] == {"dynamic": False}
+
+
+@pytest.mark.slow
+def test_compiled_inference_keeps_tta_and_invertd(tmp_path):
+    """``--compile True`` through MONAI's evaluator: flip TTA and ``Invertd`` still give the eager
+    predictions, in the input's geometry."""
+    import nibabel as nib
+    import numpy as np
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation", bundle,
+                    ignore=shutil.ignore_patterns("data", "models", "eval"))
+    (bundle / "models").mkdir()
+    torch.manual_seed(0)
+    from qtunet_monai.bundle.presets import network_options
+
+    torch.save(QTUNet(1, 4, variant="tiny", **network_options("accurate")).state_dict(), bundle / "models" / "model.pt")
+    image = tmp_path / "case.nii.gz"
+    affine = np.diag([1.3, 1.1, 1.2, 1.0])
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((37, 41, 35)).astype(np.float32), affine), image)
+    outputs = {}
+    for flag in (False, True):
+        out = tmp_path / f"out_{flag}"
+        done = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+             "--datalist", f"$[{{'image': '{image}'}}]", "--output_dir", str(out), "--tta", "True",
+             "--compile", str(flag), "--device", "$torch.device('cpu')"],
+            cwd=bundle, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (written,) = out.rglob("*.nii.gz")
+        saved = nib.load(written)
+        assert saved.shape[:3] == (37, 41, 35)
+        np.testing.assert_allclose(saved.affine, affine, atol=1e-4)
+        outputs[flag] = np.asarray(saved.dataobj)
+    assert (outputs[True] == outputs[False]).mean() > 0.999
 
 
 @pytest.mark.parametrize("compile_flag", [False, True])

@@ -38,6 +38,7 @@ FIGURE = "docs/recon_demo.png"  # written by benchmarks/recon_demo.py, not gener
 VERSIONS = {**_segmentation.VERSIONS, "h5py": "3.16.0"}
 
 IMPORTS = ["$import qtunet_monai.bundle as qtunet_bundle", "$import qtunet_monai.reconstruction as qtunet_recon"]
+_ENGINE_COMPILE = _segmentation._ENGINE_COMPILE
 PARAM_GROUPS = "$qtunet_bundle.param_groups(@network, @weight_decay)"
 #: the demo's slice size and recipe (prepare_recon_demo's defaults)
 SIZE = 112
@@ -92,7 +93,7 @@ def _network_def(train: bool) -> dict:
 
 
 def _compiled_network() -> dict:
-    return {"compile": False, "engine_network": "$torch.compile(@network, dynamic=False) if @compile else @network"}
+    return _segmentation._compiled_network()
 
 
 def _preprocessing(train: bool) -> list[dict]:
@@ -152,7 +153,7 @@ def train_config() -> dict:
             {"_target_": "ignite.handlers.ProgressBar", "persist": False},
         ],
         "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                    "train_data_loader": "@train#dataloader", "network": "@engine_network",
+                    "train_data_loader": "@train#dataloader", "network": "@network", **_ENGINE_COMPILE,
                     "loss_function": "@loss", "optimizer": "@optimizer", "inferer": "@train#inferer",
                     "train_handlers": "@train#handlers", "amp": "@amp"},
     }
@@ -176,7 +177,7 @@ def train_config() -> dict:
         "key_metric": dict(list(metrics.items())[:1]),
         "additional_metrics": dict(list(metrics.items())[1:]),
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@engine_network", "inferer": "@validate#inferer",
+                      "network": "@network", **_ENGINE_COMPILE, "inferer": "@validate#inferer",
                       "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
                       "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
                       "amp": "@amp"},
@@ -239,7 +240,7 @@ def inference_config() -> dict:
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@engine_network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "network": "@network", **_ENGINE_COMPILE, "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
         "initialize": ["$monai.utils.set_determinism(seed=123)", "$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@evaluator.run()"],
