@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .networks import ARCHITECTURES, QTUNet, build_architecture
+from .networks import ARCHITECTURES, QTUNet, build_architecture, use_attention_backend
 
 __all__ = ["ComplexityTarget", "THESIS_TARGETS", "OPTION_ROWS", "count_parameters", "count_flops", "complexity_table",
            "option_table"]
@@ -77,22 +77,16 @@ def count_flops(model: QTUNet, input_shape: Sequence[int], training: bool = True
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("FLOP counting needs fvcore: pip install 'qtunet_monai[flops]'") from e
 
-    attention = [m for m in model.modules() if hasattr(m, "fused_attention")]
-    fused = [m.fused_attention for m in attention]
     was_training = model.training
     try:
-        for m in attention:
-            m.fused_attention = False
         model.train(training)
         x = torch.zeros(*input_shape, device=next(model.parameters()).device)
-        with torch.no_grad():
+        with use_attention_backend(model, "explicit"), torch.no_grad():
             analysis = FlopCountAnalysis(model, x)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             logging.getLogger("fvcore").setLevel(logging.ERROR)
             return int(analysis.total())
     finally:
-        for m, f in zip(attention, fused):
-            m.fused_attention = f
         model.train(was_training)
 
 

@@ -13,8 +13,9 @@ import torch
 from monai.networks.nets.swin_unetr import compute_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qtunet_monai.networks import QTUNet
+from qtunet_monai.networks import QTUNet, use_attention_backend
 from qtunet_monai.networks.blocks.attention import WindowAttention, WindowCrossAttention
+from qtunet_monai.networks.blocks.attention_backends import ATTENTION_FUNCTIONS
 from qtunet_monai.networks.blocks.windows import _build_geometry
 
 CPU = torch.device("cpu")
@@ -29,12 +30,6 @@ GEOMETRIES = {
     "2d-shifted-unpadded": ((6, 9), 1),
     "2d-shifted-padded": ((7, 5), 1),
 }
-
-
-def _set_backend(module: torch.nn.Module, backend: str) -> None:
-    for m in module.modules():
-        if hasattr(m, "fused_attention"):
-            m.fused_attention = backend
 
 
 def _attention(cross: bool, spatial_dims: int) -> WindowAttention:
@@ -55,7 +50,7 @@ def _queries_keys_values(attention: WindowAttention, x: torch.Tensor, context: t
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_attention_backends_agree_in_outputs_and_gradients(name, cross):
-    """Each backend's kernel path itself (``attend`` would route CPU training from SDPA to explicit)."""
+    """Each backend's function itself (``attend`` would route CPU training from SDPA to explicit)."""
     shape, shift = GEOMETRIES[name]
     geometry = _build_geometry(shape, 3, shift, CPU)
     assert (geometry.attn_mask is not None) == bool(shift) and geometry.is_padded == ("unpadded" not in name)
@@ -63,11 +58,12 @@ def test_attention_backends_agree_in_outputs_and_gradients(name, cross):
     x = torch.randn(2, *shape, 8, requires_grad=True)
     context = torch.randn(2, *shape, 8, requires_grad=True)
     inputs = [x, context, *attention.parameters()]
-    paths = {"explicit": attention._attend_explicit, "sdpa": attention._attend_sdpa, "flex": attention._attend_flex}
     outputs, grads = {}, {}
-    for backend, attend in paths.items():
+    for backend in ("explicit", "sdpa", "flex"):
         with torch.set_grad_enabled(backend != "flex"):  # flex: no backward on CPU
-            out = attend(*_queries_keys_values(attention, x, context, geometry), geometry)
+            bias = attention.score_bias(geometry)
+            out = ATTENTION_FUNCTIONS[backend](*_queries_keys_values(attention, x, context, geometry), bias,
+                                               attention.scale)
         outputs[backend] = out.detach()
         if backend != "flex":
             grads[backend] = torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)
@@ -90,7 +86,7 @@ def test_cpu_training_recomputes_the_attention_probabilities_instead_of_keeping_
     x = torch.randn(2, *shape, 8, requires_grad=True)
 
     def train_step(backend: str):
-        attention.fused_attention = backend
+        attention.attention_backend = backend
         kept = []
 
         def pack(t):
@@ -142,12 +138,11 @@ def test_networks_agree_across_backends(spatial_dims, decoder):
     x = torch.randn(NET_INPUTS[spatial_dims])
     outputs, grads = {}, {}
     for backend in ("explicit", "sdpa", "flex"):
-        _set_backend(net, backend)
-        with torch.no_grad():
+        with use_attention_backend(net, backend), torch.no_grad():
             outputs[backend] = net(x)
     for backend in ("explicit", "sdpa"):
-        _set_backend(net, backend)
-        grads[backend] = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
+        with use_attention_backend(net, backend):
+            grads[backend] = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
     for backend in ("sdpa", "flex"):
         torch.testing.assert_close(outputs[backend], outputs["explicit"], atol=1e-5, rtol=1e-4)
     for grad, expected in zip(grads["sdpa"], grads["explicit"]):
@@ -156,14 +151,13 @@ def test_networks_agree_across_backends(spatial_dims, decoder):
 
 def test_flex_refuses_cpu_training_with_a_clear_error():
     net = _net(2, "qt")
-    _set_backend(net, "flex")
-    with pytest.raises(ValueError, match="'flex' cannot train on CPU"):
+    with use_attention_backend(net, "flex"), pytest.raises(ValueError, match="'flex' cannot train on CPU"):
         net(torch.randn(NET_INPUTS[2]))
 
 
 def test_unknown_backend_is_refused_at_construction():
-    with pytest.raises(ValueError, match="unknown attention backend fused_attention='fast'"):
-        QTUNet(1, 2, feature_size=6, fused_attention="fast")
+    with pytest.raises(ValueError, match="unknown attention backend attention_backend='fast'"):
+        QTUNet(1, 2, feature_size=6, attention_backend="fast")
 
 
 class _GemmDtypes(TorchDispatchMode):

@@ -204,7 +204,7 @@ def test_qtunet_onnx_export_is_fixed_size_and_equals_pytorch(tmp_path):
     net = QTUNet(1, 3, spatial_dims=2, feature_size=12)
     report = export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 56, 56])  # about a minute: one size only
     assert not report["dynamic_spatial_size"] and max(report["max_abs_difference"].values()) <= 1e-4
-    assert all(m.fused_attention for m in net.modules() if hasattr(m, "fused_attention"))  # restored
+    assert {m.attention_backend for m in net.modules() if hasattr(m, "attention_backend")} == {"sdpa"}  # restored
 
 
 def _parsed(config_file: Path, **overrides) -> ConfigParser:

@@ -33,9 +33,9 @@ SMALL = {"feature_size": 12, "window_size": 3}
 try:
     from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
 
-    BACKENDS = [True, False, "flex"]
+    BACKENDS = ["sdpa", "explicit", "flex"]
 except ImportError:  # pragma: no cover - older torch
-    BACKENDS = [True, False]
+    BACKENDS = ["sdpa", "explicit"]
 
 #: (spatial shape, shift) with window 3: plain and shifted, padded and unpadded, 2D and 3D
 GEOMETRIES = {
@@ -92,7 +92,7 @@ def _zero_routers(block) -> None:
 # capacity 1 with the light branches off (zero outputs, as initialised) is the dense block
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: {True: "sdpa", False: "explicit"}.get(b, b))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_capacity_one_with_light_branches_off_equals_the_dense_block(name, kind, backend):
@@ -141,7 +141,7 @@ def test_capacity_one_with_scoring_routers_keeps_the_dense_output_and_mlp_gradie
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=label)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: {True: "sdpa", False: "explicit"}.get(b, b))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["3d-shifted-padded", "2d-shifted-padded", "3d-plain-unpadded"])
 def test_partial_capacity_is_dense_attention_over_the_routed_keys_and_a_null_key(name, backend):
     """At capacity < 1 the heavy branch is the dense attention's rows of the routed queries, with every

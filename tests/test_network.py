@@ -91,7 +91,7 @@ def test_checkpointing_gives_same_output_and_gradients(decoder, tiny_qtunet):
 @pytest.mark.parametrize("config", CONFIGS_3D[:3] + [pytest.param({"spatial_dims": 2}, id="2d")])
 def test_fused_and_explicit_attention_agree(config, tiny_qtunet):
     fused = tiny_qtunet(**config).eval()
-    explicit = tiny_qtunet(**config, fused_attention=False).eval()
+    explicit = tiny_qtunet(**config, attention_backend="explicit").eval()
     explicit.load_state_dict(fused.state_dict())
     shape = (2, 2, 24, 28, 20) if config.get("spatial_dims", 3) == 3 else (2, 2, 40, 36)
     x = torch.randn(shape)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..networks import use_attention_backend
 from .checkpoints import read_checkpoint
 
 __all__ = ["check_onnx", "export_onnx", "supports_dynamic_spatial_size"]
@@ -39,22 +40,6 @@ def supports_dynamic_spatial_size(network: nn.Module) -> bool:
         if isinstance(module, DivisiblePadNet) and module.k > 1:
             return False
     return True
-
-
-class _UnfusedAttention:
-    """Compute QT-UNet's window attention with explicit matrix products while exporting: the exporter's
-    decomposition of ``scaled_dot_product_attention`` yields strides its own ``view`` then rejects."""
-
-    def __init__(self, network: nn.Module) -> None:
-        self.modules = [m for m in network.modules() if getattr(m, "fused_attention", False) is True]
-
-    def __enter__(self):
-        for m in self.modules:
-            m.fused_attention = False
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            m.fused_attention = True
 
 
 def _clear_window_cache() -> None:
@@ -126,7 +111,9 @@ def export_onnx(
         raise ValueError("a fixed-size ONNX model only takes its example shape; export one per size instead.")
     example = torch.randn(*input_shape)
     spatial = {axis: torch.export.Dim.DYNAMIC for axis in range(2, len(input_shape))}
-    with _UnfusedAttention(network), torch.no_grad():
+    # explicit attention whatever the network's backend: the exporter's decomposition of
+    # scaled_dot_product_attention yields strides its own ``view`` then rejects, and flex does not export
+    with use_attention_backend(network, "explicit"), torch.no_grad():
         _clear_window_cache()
         network(example)  # QT-UNet: window geometry cached as real tensors, which the export keeps as constants
         program = torch.onnx.export(network, (example,), dynamo=True, input_names=["image"], output_names=["pred"],

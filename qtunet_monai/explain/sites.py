@@ -113,26 +113,11 @@ def level_strides(model: nn.Module) -> list[tuple[int, ...]]:
     return strides
 
 
-def _split_heads(t: torch.Tensor, heads: int, parts: int) -> tuple[torch.Tensor, ...]:
-    """``(b, N, parts * C)`` -> ``parts`` tensors ``(b, heads, N, C // heads)``, the layout of the attention modules."""
-    b, n, width = t.shape
-    return t.view(b, n, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _project(site: AttentionSite, queries: torch.Tensor, keys: torch.Tensor | None):
     module = site.module
     if site.cross:
-        (q,) = _split_heads(module.q(queries), module.num_heads, 1)
-        k, v = _split_heads(module.kv(keys), module.num_heads, 2)
-        return q, k, v
+        return (module.project_queries(queries), *module.project_keys_values(keys))
     return module.project_qkv(queries)
-
-
-def _window_mask(geometry: WindowGeometry, rows: torch.Tensor) -> torch.Tensor | None:
-    """The shift mask of window rows ``rows`` of a ``(B * num_windows)`` batch, ``(len(rows), 1, N, N)``."""
-    if geometry.attn_mask is None:
-        return None
-    return geometry.attn_mask[rows % geometry.num_windows].unsqueeze(1)
 
 
 @torch.no_grad()
@@ -143,7 +128,9 @@ def attention_probabilities(
     keys: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The attention weights ``softmax(q k^T / sqrt(d) + bias + mask)`` of a site, computed explicitly.
+    """The attention weights ``softmax(q k^T / sqrt(d) + bias + mask)`` of a site, computed explicitly by
+    the module's :meth:`~qtunet_monai.networks.blocks.attention.WindowAttention.attention_weights`, the
+    function the explicit backend computes them with.
 
     Args:
         site: the attention site.
@@ -159,11 +146,8 @@ def attention_probabilities(
     if rows is None:
         rows = torch.arange(queries.shape[0], device=queries.device)
     q, k, _ = _project(site, queries[rows], None if keys is None else keys[rows])
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + site.module.relative_bias(geometry).to(q.dtype)
-    mask = _window_mask(geometry, rows)
-    if mask is not None:
-        logits = logits + mask.to(logits.dtype)
-    return logits.softmax(dim=-1)
+    # the explicit backend's own definition (relative-position bias and shift mask of each row's window)
+    return site.module.attention_weights(q, k, geometry, windows=rows % geometry.num_windows)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 from .attention import WindowAttention, WindowCrossAttention
+from .attention_backends import ATTENTION_FUNCTIONS, AttentionBackend, use_attention_backend
 from .channel_transformer import (
     CCT_PRESETS,
     ChannelCrossAttention,
@@ -26,6 +27,8 @@ from .transformer import (
 from .windows import WindowGeometry, relative_position_index, window_geometry
 
 __all__ = [
+    "ATTENTION_FUNCTIONS",
+    "AttentionBackend",
     "CCT_PRESETS",
     "ChannelCrossAttention",
     "ChannelEmbedding",
@@ -54,5 +57,6 @@ __all__ = [
     "WindowGeometry",
     "relative_position_index",
     "sinusoidal_position_encoding",
+    "use_attention_backend",
     "window_geometry",
 ]

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .attention import WindowAttention, WindowCrossAttention, _flex_attention
+from .attention import WindowAttention, WindowCrossAttention
+from .attention_backends import AttentionBias, attend
 from .windows import MASK_VALUE, WindowGeometry, window_validity
 
 __all__ = [
@@ -240,57 +240,60 @@ def _add_tokens(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
     return x.scatter_add(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]), values.to(x.dtype))
 
 
-def _routed_bias(
-    attn: WindowAttention, geometry: WindowGeometry, q_idx: torch.Tensor, kv_idx: torch.Tensor, null: bool, dtype
-) -> torch.Tensor:
-    """``(G, heads, k_q, k_kv [+ 1])`` relative-position bias plus shift mask at the selected rows and
-    columns of each window (and a zero column for the null key)."""
-    n = geometry.tokens_per_window
-    pair = q_idx.unsqueeze(-1) * n + kv_idx.unsqueeze(-2)  # (G, k_q, k_kv) into the window's N x N pairs
-    bias = attn.relative_position_bias_table[geometry.relative_index.reshape(-1)[pair]].permute(0, 3, 1, 2)
-    regions = geometry.region_index
-    if regions is not None:  # windows are batch-major: row g is window g % num_windows
-        regions = regions.repeat(q_idx.shape[0] // regions.shape[0], 1)
-        same = regions.gather(1, q_idx).unsqueeze(-1) == regions.gather(1, kv_idx).unsqueeze(-2)
-        bias = bias + torch.where(same, 0.0, MASK_VALUE).unsqueeze(1)
-    bias = bias.to(dtype)
-    return F.pad(bias, (0, 1)) if null else bias
+class RoutedBias(AttentionBias):
+    """Relative-position bias plus shift mask of a routed attention: the dense window bias at the
+    selected rows (queries) and columns (keys) of each window, and a zero column for the null key.
 
+    Args:
+        attn: the heavy attention (its bias table).
+        geometry: the windows' geometry (relative-position index, shift regions).
+        q_idx: ``(G, k_q)`` routed query positions; ``kv_idx``: ``(G, k_kv)`` routed key/value positions.
+        null: a null key is appended after the routed keys.
+    """
 
-def _attend_explicit(attn, q, k, v, geometry, q_idx, kv_idx, null) -> torch.Tensor:
-    scores = (q * attn.scale) @ k.transpose(-2, -1) + _routed_bias(attn, geometry, q_idx, kv_idx, null, q.dtype)
-    return scores.softmax(dim=-1) @ v
+    def __init__(self, attn: WindowAttention, geometry: WindowGeometry, q_idx: torch.Tensor, kv_idx: torch.Tensor,
+                 null: bool) -> None:
+        self.table = attn.relative_position_bias_table
+        self.geometry, self.q_idx, self.kv_idx, self.null = geometry, q_idx, kv_idx, null
 
+    def _regions(self) -> torch.Tensor | None:
+        regions = self.geometry.region_index  # windows are batch-major: row g is window g % num_windows
+        return None if regions is None else regions.repeat(self.q_idx.shape[0] // regions.shape[0], 1)
 
-def _attend_sdpa(attn, q, k, v, geometry, q_idx, kv_idx, null) -> torch.Tensor:
-    bias = _routed_bias(attn, geometry, q_idx, kv_idx, null, q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
-def _attend_flex(attn, q, k, v, geometry, q_idx, kv_idx, null) -> torch.Tensor:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ValueError(
-            f"attention backend 'flex' cannot train on CPU: torch {torch.__version__}'s flex_attention has no "
-            "backward pass there. Use fused_attention='sdpa' (or True) for training on CPU."
-        )
-    table = attn.relative_position_bias_table.to(q.dtype)
-    relative = geometry.relative_index
-    routed_keys = kv_idx.shape[1]
-    kv_cols = F.pad(kv_idx, (0, 1)) if null else kv_idx  # the null column points anywhere; its bias is 0
-    regions = geometry.region_index
-    if regions is not None:
-        regions = regions.repeat(q_idx.shape[0] // regions.shape[0], 1)
-
-    def score_mod(score, b, h, qi, ki):
-        row, col = q_idx[b, qi], kv_cols[b, ki]
-        bias = table[relative[row, col], h]
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(G, heads, k_q, k_kv [+ 1])``."""
+        n = self.geometry.tokens_per_window
+        q_idx, kv_idx = self.q_idx, self.kv_idx
+        pair = q_idx.unsqueeze(-1) * n + kv_idx.unsqueeze(-2)  # (G, k_q, k_kv) into the window's N x N pairs
+        bias = self.table[self.geometry.relative_index.reshape(-1)[pair]].permute(0, 3, 1, 2)
+        regions = self._regions()
         if regions is not None:
-            bias = bias + torch.where(regions[b, row] == regions[b, col], 0.0, MASK_VALUE)
-        if null:
-            bias = torch.where(ki == routed_keys, 0.0, bias)
-        return score + bias
+            same = regions.gather(1, q_idx).unsqueeze(-1) == regions.gather(1, kv_idx).unsqueeze(-2)
+            bias = bias + torch.where(same, 0.0, MASK_VALUE).unsqueeze(1)
+        bias = bias.to(dtype)
+        return F.pad(bias, (0, 1)) if self.null else bias
 
-    return _flex_attention()(q, k, v, score_mod=score_mod, scale=attn.scale)
+    def score_mod(self, dtype: torch.dtype):
+        table = self.table.to(dtype)
+        relative, q_idx, null = self.geometry.relative_index, self.q_idx, self.null
+        routed_keys = self.kv_idx.shape[1]
+        kv_cols = F.pad(self.kv_idx, (0, 1)) if null else self.kv_idx  # the null column points anywhere; its bias is 0
+        regions = self._regions()
+
+        def score_mod(score, b, h, qi, ki):
+            row, col = q_idx[b, qi], kv_cols[b, ki]
+            bias = table[relative[row, col], h]
+            if regions is not None:
+                bias = bias + torch.where(regions[b, row] == regions[b, col], 0.0, MASK_VALUE)
+            if null:
+                bias = torch.where(ki == routed_keys, 0.0, bias)
+            return score + bias
+
+        return score_mod
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.table.requires_grad
 
 
 def routed_window_attention(
@@ -326,16 +329,7 @@ def routed_window_attention(
         g, heads, _, head_dim = k.shape
         null_k, null_v = null_kv.to(k.dtype)[:, None, :, None, :].expand(2, g, heads, 1, head_dim).unbind(0)
         k, v = torch.cat([k, null_k], dim=2), torch.cat([v, null_v], dim=2)
-    backend = attn.attention_backend
-    table = attn.relative_position_bias_table
-    if backend == "sdpa" and q.device.type == "cpu" and torch.is_grad_enabled() and table.requires_grad:
-        # as WindowAttention.attend: the fused CPU kernel has no mask gradient; the explicit path, with its
-        # probabilities (and the gathered bias) recomputed in the backward pass instead of stored
-        out = checkpoint(_attend_explicit, attn, q, k, v, geometry, q_idx, kv_idx, null,
-                         use_reentrant=False, preserve_rng_state=False)
-    else:
-        attend = {"sdpa": _attend_sdpa, "flex": _attend_flex, "explicit": _attend_explicit}[backend]
-        out = attend(attn, q, k, v, geometry, q_idx, kv_idx, null)
+    out = attend(attn.attention_backend, q, k, v, RoutedBias(attn, geometry, q_idx, kv_idx, null), attn.scale)
     g, heads, k_q, head_dim = out.shape
     return attn.proj(out.transpose(1, 2).reshape(g, k_q, heads * head_dim))
 
@@ -601,7 +595,7 @@ def _light_attention(heavy: WindowAttention, ratio: float, cross: bool) -> Windo
     heads = max(1, int(heavy.num_heads * ratio))
     dim = heavy.proj.out_features
     light = (WindowCrossAttention if cross else WindowAttention)(
-        dim, heads, heavy.window_size, heavy.spatial_dims, fused_attention=heavy.fused_attention,
+        dim, heads, heavy.window_size, heavy.spatial_dims, attention_backend=heavy.attention_backend,
         inner_dim=heads * heavy.head_dim,
     )
     _swin_init(light)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WindowAttention, WindowCrossAttention
+from .attention_backends import AttentionBackend
 from .windows import WindowGeometry, window_geometry
 
 __all__ = [
@@ -43,7 +44,7 @@ class _WindowBlock(nn.Module):
         spatial_dims: 2 or 3.
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         drop_path: stochastic-depth rate of this sub-block.
-        fused_attention: see :class:`WindowAttention`.
+        attention_backend: see :class:`WindowAttention`.
     """
 
     def __init__(
@@ -54,11 +55,11 @@ class _WindowBlock(nn.Module):
         spatial_dims: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, spatial_dims, fused_attention=fused_attention)
+        self.attn = WindowAttention(dim, num_heads, window_size, spatial_dims, attention_backend=attention_backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act="GELU")
@@ -166,13 +167,13 @@ class QTDecoderSubBlock(DecoderSubBlock):
         spatial_dims: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
     ) -> None:
-        super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, fused_attention)
+        super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, attention_backend)
         self.norm_query = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(dim)
         self.cross_attn = WindowCrossAttention(
-            dim, num_heads, window_size, spatial_dims, fused_attention=fused_attention
+            dim, num_heads, window_size, spatial_dims, attention_backend=attention_backend
         )
         self.light_cross = None  # the light cross-attention of a conditional block with routed cross-attention
 
@@ -243,10 +244,10 @@ class VTDecoderSubBlock(DecoderSubBlock):
         spatial_dims: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
         alpha: float = 0.3,
     ) -> None:
-        super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, fused_attention)
+        super().__init__(dim, num_heads, window_size, spatial_dims, mlp_ratio, drop_path, attention_backend)
         self.alpha = alpha
 
     def forward(
@@ -314,7 +315,7 @@ class EncoderStage(_Stage):
         shift_size: shift of the odd sub-blocks.
         spatial_dims: 2 or 3.
         drop_path: stochastic-depth rate per sub-block.
-        fused_attention: see :class:`WindowAttention`.
+        attention_backend: see :class:`WindowAttention`.
         use_checkpoint: recompute each sub-block in the backward pass to save memory.
     """
 
@@ -327,13 +328,13 @@ class EncoderStage(_Stage):
         shift_size: int,
         spatial_dims: int,
         drop_path: Sequence[float],
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__(window_size, shift_size, use_checkpoint)
         for i in range(depth):
             self.blocks.append(
-                SwinSubBlock(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], fused_attention)
+                SwinSubBlock(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], attention_backend)
             )
 
     def forward(self, x: torch.Tensor, return_kv: bool = False):
@@ -366,14 +367,14 @@ class DecoderStage(_Stage):
         spatial_dims: int,
         drop_path: Sequence[float],
         decoder: str = "qt",
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__(window_size, shift_size, use_checkpoint)
         block_type = DECODERS[decoder]
         self.needs_encoder_kv = block_type.needs_encoder_kv
         for i in range(depth):
-            self.blocks.append(block_type(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], fused_attention))
+            self.blocks.append(block_type(dim, num_heads, window_size, spatial_dims, 4.0, drop_path[i], attention_backend))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, skip_kv: Sequence | None = None) -> torch.Tensor:
         """

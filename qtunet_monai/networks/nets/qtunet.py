@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..blocks.attention_backends import AttentionBackend, resolve_attention_backend
 from ..blocks.channel_transformer import ChannelGate, ChannelTransformer, common_grid_factors, resolve_cct_options
 from ..blocks.conditional import attach_routers, resolve_routing
 from ..blocks.conditional import set_capacity as _set_capacity
@@ -85,10 +86,13 @@ class _Encoder(nn.Module):
         drop_path_rate: stochastic depth, linearly spaced over the encoder and bottleneck
             sub-blocks. The thesis trains with 0.2.
         use_checkpoint: gradient checkpointing of every sub-block (less memory, more compute).
-        fused_attention: attention through ``scaled_dot_product_attention``; False computes it with
-            explicit matmul and softmax (same result; what fvcore can count).
+        attention_backend: how window attention is computed: ``"sdpa"`` (default,
+            ``scaled_dot_product_attention``), ``"flex"`` (FlexAttention) or ``"explicit"`` (matmul and
+            softmax: the same result, what fvcore counts); see
+            :mod:`~qtunet_monai.networks.blocks.attention_backends`.
         variant: ``"tiny"``, ``"small"`` or ``"base"``: C = 48, 72 or 96.
         shift_size: cyclic shift of the shifted windows; default ``window_size // 2``.
+        fused_attention: deprecated alias of ``attention_backend`` (True: ``"sdpa"``, False: ``"explicit"``).
     """
 
     def __init__(
@@ -103,11 +107,13 @@ class _Encoder(nn.Module):
         num_heads: Sequence[int] | None = None,
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
         variant: str | None = None,
         shift_size: int | None = None,
+        fused_attention: bool | str | None = None,
     ) -> None:
         super().__init__()
+        attention_backend = resolve_attention_backend(attention_backend, fused_attention)
         feature_size = _resolve_feature_size(feature_size, variant)
         shift_size = window_size // 2 if shift_size is None else shift_size
         num_heads = tuple(3 * 2**i for i in range(num_stages + 1)) if num_heads is None else tuple(num_heads)
@@ -131,7 +137,7 @@ class _Encoder(nn.Module):
         #: drop-path rates of each stage's sub-block pair (the decoder reuses them) and of the bottleneck
         self.stage_drop_path = [rates[2 * i : 2 * i + 2] for i in range(num_stages)]
         self.stage_options = {"window_size": window_size, "shift_size": shift_size, "spatial_dims": spatial_dims,
-                              "fused_attention": fused_attention, "use_checkpoint": use_checkpoint}
+                              "attention_backend": attention_backend, "use_checkpoint": use_checkpoint}
 
         self.patch_embed = PatchEmbedding(in_channels, feature_size, patch_size, spatial_dims)
         self.encoder_stages = nn.ModuleList(
@@ -251,8 +257,10 @@ class QTUNet(_Encoder):
             each decoder stage uses the rates of its encoder stage. The thesis trains with 0.2.
         use_checkpoint: gradient checkpointing of every sub-block and the head (less memory, more
             compute); also :meth:`set_grad_checkpointing`.
-        fused_attention: attention through ``scaled_dot_product_attention``; False computes it with
-            explicit matmul and softmax (same result; what fvcore can count).
+        attention_backend: how window attention is computed: ``"sdpa"`` (default,
+            ``scaled_dot_product_attention``), ``"flex"`` (FlexAttention) or ``"explicit"`` (matmul and
+            softmax: the same result, what fvcore counts); see
+            :mod:`~qtunet_monai.networks.blocks.attention_backends`.
         variant: ``"tiny"``, ``"small"`` or ``"base"``; sets ``feature_size``.
         num_heads: heads of each encoder stage and the bottleneck (decoder mirrors them); default 3, 6,
             12, ... doubling with the width (3-6-12-24 for the thesis' three stages).
@@ -293,6 +301,8 @@ class QTUNet(_Encoder):
         router_options: ``ff_group``, ``light_heads_ratio``, ``light_mlp_ratio``, ``null_kv`` and the iterative
             router's ``n_iters``, ``eps``, ``eps_init``, ``eps_decay``, ``fetch_k_ratio``
             (see :func:`~qtunet_monai.networks.blocks.conditional.resolve_routing`).
+        fused_attention: deprecated alias of ``attention_backend`` (True: ``"sdpa"``, False: ``"explicit"``),
+            with a FutureWarning.
     """
 
     def __init__(
@@ -307,7 +317,7 @@ class QTUNet(_Encoder):
         decoder: str = "qt",
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
-        fused_attention: bool = True,
+        attention_backend: AttentionBackend = "sdpa",
         variant: str | None = None,
         num_heads: Sequence[int] | None = None,
         shift_size: int | None = None,
@@ -328,6 +338,7 @@ class QTUNet(_Encoder):
         router_sites: Sequence[str] | str | None = None,
         router_weighting: str | None = None,
         router_options: dict | None = None,
+        fused_attention: bool | str | None = None,
     ) -> None:
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}.")
@@ -337,7 +348,7 @@ class QTUNet(_Encoder):
         routing = resolve_routing(router, capacity, router_sites, router_weighting, router_options, decoder)
         super().__init__(
             in_channels, spatial_dims, feature_size, window_size, patch_size, merge_depth, num_stages, num_heads,
-            drop_path_rate, use_checkpoint, fused_attention, variant, shift_size,
+            drop_path_rate, use_checkpoint, attention_backend, variant, shift_size, fused_attention,
         )
         self.out_channels = out_channels
         self.decoder_type = decoder
