@@ -9,17 +9,14 @@ memory is measured per version in a fresh process. Example:
     git worktree add /tmp/before <commit>
     python benchmarks/hotpath.py before=/tmp/before after=. after-explicit=.:explicit
 
-A version may end in ``:explicit`` (``attention_backend="explicit"``), ``:nocache`` (window geometry
-rebuilt before every pass) or ``:permute`` (windows cut by pad + roll + view/permute, as under
-``torch.compile``, instead of by the cached gather index). Prints a Markdown table of median
-inference and training-step times (forward, backward, Adam) of QT-UNet on a ``4 x roi^3`` input,
-with peak RSS increase.
+A version may end in ``:explicit`` (``attention_backend="explicit"``) or ``:nocache`` (window
+geometry rebuilt before every pass). Prints a Markdown table of median inference and training-step
+times (forward, backward, Adam) of QT-UNet on a ``4 x roi^3`` input, with peak RSS increase.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import multiprocessing
 import shutil
@@ -57,15 +54,6 @@ class _Version:
         windows = importlib.import_module(package.__name__ + ".networks.blocks.windows")
         if self.option == "nocache":
             self.net.register_forward_pre_hook(lambda *_: windows._cached_geometry.cache_clear())
-        if self.option == "permute":  # this copy of the package caches geometries without index tensors
-            build = windows._build_geometry
-
-            @functools.lru_cache(maxsize=128)
-            def permute_geometry(shape, window, shift, device):
-                with torch.inference_mode(False), torch.no_grad():
-                    return build(shape, window, shift, device, indexed=False)
-
-            windows._cached_geometry = permute_geometry
         self.device = device
         self.x = torch.randn(1, 4, roi, roi, roi, device=device)
         self.target = torch.rand(1, 3, roi, roi, roi, device=device)

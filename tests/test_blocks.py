@@ -77,35 +77,18 @@ def test_position_encoding_is_bounded_and_distinct_per_position():
     assert torch.cdist(flat, flat).add(torch.eye(len(flat))).min() > 0
 
 
-@pytest.mark.parametrize("shape, shift", [((9, 10, 7), 1), ((8, 6, 5), 0), ((11, 5), 1), ((2, 9, 8), 1)])
-def test_gather_partition_equals_pad_roll_permute(shape, shift):
-    """The cached-index partition gives exactly the textbook windows (pad, roll, permute)."""
-    from monai.networks.nets.swin_unetr import window_partition
+@pytest.mark.parametrize("shape, shift", [((9, 10, 7), 1), ((8, 6, 5), 0), ((11, 5), 1), ((2, 9, 8), 1), ((7, 7, 7), 1)])
+def test_partition_is_undone_by_reverse_and_matches_explains_indices(shape, shift):
+    """The cut is exact both ways, and explain's on-demand gather/scatter indices place every token where
+    the cut does (padding at the zero token)."""
+    from qtunet_monai.networks.blocks.windows import window_indices
 
     geometry = window_geometry(shape, window=3, shift=shift, device=CPU)
     x = torch.randn(2, *shape, 4)
-    pads = []
-    for size, padded in zip(reversed(geometry.spatial_shape), reversed(geometry.padded_shape)):
-        pads += [0, padded - size]
-    reference = torch.nn.functional.pad(x, [0, 0] + pads)
-    reference = torch.roll(reference, [-s for s in geometry.shift_size], list(range(1, len(shape) + 1)))
-    torch.testing.assert_close(geometry.partition(x), window_partition(reference, geometry.window_size), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("shape, shift", [((9, 10, 7), 1), ((8, 6, 5), 0), ((11, 5), 1), ((2, 9, 8), 1), ((7, 7, 7), 1)])
-def test_in_graph_geometry_cuts_and_restores_exactly_like_the_cached_one(shape, shift):
-    """Under torch.compile the geometry has no index tensors and cuts by pad/roll/view; same windows, same map."""
-    from qtunet_monai.networks.blocks.windows import _build_geometry
-
-    cached = window_geometry(shape, window=3, shift=shift, device=CPU)
-    in_graph = _build_geometry(shape, 3, shift, CPU, indexed=False)
-    assert in_graph.gather_index is None and in_graph.scatter_index is None
-    assert torch.equal(in_graph.relative_index, cached.relative_index)
-    assert (in_graph.attn_mask is None) == (cached.attn_mask is None)
-    if cached.attn_mask is not None:
-        assert torch.equal(in_graph.attn_mask, cached.attn_mask)
-    x = torch.randn(2, *shape, 4)
-    windows = in_graph.partition(x)
-    assert torch.equal(windows, cached.partition(x))
-    assert torch.equal(in_graph.reverse(windows, 2), x)
-    assert torch.equal(in_graph.reverse(windows, 2), cached.reverse(windows, 2))
+    windows = geometry.partition(x)
+    assert windows.shape == (2 * geometry.num_windows, geometry.tokens_per_window, 4)
+    assert torch.equal(geometry.reverse(windows, 2), x)
+    gather, scatter = window_indices(geometry)
+    flat = torch.nn.functional.pad(x.reshape(2, -1, 4), (0, 0, 0, 1))  # the zero token padding points at
+    assert torch.equal(flat[:, gather].reshape(windows.shape), windows)
+    assert torch.equal(windows.reshape(2, -1, 4)[:, scatter], x.reshape(2, -1, 4))

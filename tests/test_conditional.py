@@ -128,7 +128,7 @@ def test_capacity_one_with_scoring_routers_keeps_the_dense_output_and_mlp_gradie
     what the straight-through weights pass to the tokens through the routers' scores."""
     shape, shift = GEOMETRIES["3d-shifted-padded"]
     geometry = _build_geometry(shape, 3, shift, CPU)
-    dense = _block(kind, 3, True)
+    dense = _block(kind, 3, "sdpa")
     conditional = _conditional(dense, kind, router=router)
     x, skip = torch.randn(2, *shape, 12), torch.randn(2, *shape, 12)
     heavy = [n for n, _ in dense.named_parameters() if n.startswith("mlp.")]
@@ -200,7 +200,7 @@ def _randomise_light_outputs(block) -> None:
 def test_capacity_zero_is_the_light_branches_alone(name, kind):
     shape, shift = GEOMETRIES[name]
     geometry = _build_geometry(shape, 3, shift, CPU)
-    block = _conditional(_block(kind, len(shape), True), kind, capacity=0.0)
+    block = _conditional(_block(kind, len(shape), "sdpa"), kind, capacity=0.0)
     _randomise_light_outputs(block)
     x, skip = torch.randn(2, *shape, 12), torch.randn(2, *shape, 12)
     with torch.no_grad():
@@ -445,7 +445,7 @@ def test_softmax_weighting_scales_the_heavy_branch_down_as_the_seed_did():
     """The seed's weighting: heavy outputs times a softmax over the window (mean 1/N); "st": times 1."""
     shape, shift = GEOMETRIES["3d-plain-unpadded"]
     geometry = _build_geometry(shape, 3, shift, CPU)
-    dense = _block("encoder", 3, True)
+    dense = _block("encoder", 3, "sdpa")
     x = torch.randn(1, *shape, 12)
     with torch.no_grad():
         residual = {}

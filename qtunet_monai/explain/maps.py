@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..networks.blocks.windows import window_indices
 from .recorder import Capture
 from .sites import attention_sites, level_strides
 
@@ -51,7 +52,8 @@ def tokens_to_voxels(token_map: torch.Tensor, stride: Sequence[int], spatial_sha
 
 def _window_positions(capture: Capture, tokens: torch.Tensor) -> torch.Tensor:
     """Position of each token in the (first batch item's) window layout."""
-    return capture.geometry.scatter_index[tokens]
+    _, scatter = window_indices(capture.geometry)
+    return scatter[tokens.to(scatter.device)]
 
 
 @torch.no_grad()
@@ -67,11 +69,12 @@ def query_attention_map(capture: Capture, query_tokens: torch.Tensor) -> torch.T
     geometry = capture.geometry
     n = geometry.tokens_per_window
     total = math.prod(geometry.spatial_shape)
-    positions = _window_positions(capture, query_tokens.to(geometry.scatter_index.device))
+    gather, _ = window_indices(geometry)
+    positions = _window_positions(capture, query_tokens)
     windows, rows = positions // n, positions % n
     unique_windows, which = windows.unique(return_inverse=True)
     per_query = capture.probabilities(unique_windows)[which, :, rows]  # (Q, heads, N)
-    keys = geometry.gather_index.view(-1, n)[windows]  # (Q, N): key tokens, ``total`` for padding
+    keys = gather.view(-1, n)[windows]  # (Q, N): key tokens, ``total`` for padding
     heads = per_query.shape[1]
     flat = torch.zeros(heads, total + 1, dtype=per_query.dtype, device=per_query.device)
     flat.index_add_(1, keys.reshape(-1), per_query.transpose(0, 1).reshape(heads, -1))
@@ -90,10 +93,11 @@ def _propagate_block(rows: torch.Tensor, attention: torch.Tensor, capture: Captu
     """``rows (R, T) @ ((1 - residual) A + residual I)`` for a windowed, block-diagonal ``A``."""
     geometry = capture.geometry
     total = rows.shape[1]
-    windowed = F.pad(rows, (0, 1))[:, geometry.gather_index].view(rows.shape[0], geometry.num_windows, -1)
+    gather, _ = window_indices(geometry)
+    windowed = F.pad(rows, (0, 1))[:, gather].view(rows.shape[0], geometry.num_windows, -1)
     mixed = (1 - residual) * torch.einsum("rwq,wqk->rwk", windowed, attention) + residual * windowed
     out = torch.zeros(rows.shape[0], total + 1, dtype=rows.dtype, device=rows.device)
-    out.index_add_(1, geometry.gather_index, mixed.reshape(rows.shape[0], -1))
+    out.index_add_(1, gather, mixed.reshape(rows.shape[0], -1))
     return out[:, :total]
 
 
@@ -142,10 +146,10 @@ def attention_rollout(
     deepest = captures[encoder[-1]].geometry
     total = math.prod(deepest.spatial_shape)
     if query_tokens.ndim == 1:
-        rows = torch.zeros(1, total, device=deepest.gather_index.device)
+        rows = torch.zeros(1, total, device=deepest.relative_index.device)
         rows[0, query_tokens] = 1.0 / len(query_tokens)
     else:
-        rows = query_tokens.to(deepest.gather_index.device).float()
+        rows = query_tokens.to(deepest.relative_index.device).float()
     shape = deepest.spatial_shape
     for name in reversed(encoder):
         capture = captures[name]
@@ -161,13 +165,14 @@ def _window_coordinates(capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-grid coordinates ``(num_windows, N, n)`` of each window position, and which are real tokens."""
     geometry = capture.geometry
     total = math.prod(geometry.spatial_shape)
-    grids = torch.meshgrid([torch.arange(s, device=geometry.gather_index.device) for s in geometry.spatial_shape],
+    gather, _ = window_indices(geometry)
+    grids = torch.meshgrid([torch.arange(s, device=gather.device) for s in geometry.spatial_shape],
                            indexing="ij")
     coords = torch.stack([g.reshape(-1) for g in grids], dim=-1).float()
     coords = torch.cat([coords, torch.zeros(1, coords.shape[1], device=coords.device)])  # padding: ignored
     n = geometry.tokens_per_window
-    real = (geometry.gather_index < total).view(-1, n)
-    return coords[geometry.gather_index].view(-1, n, coords.shape[1]), real
+    real = (gather < total).view(-1, n)
+    return coords[gather].view(-1, n, coords.shape[1]), real
 
 
 @torch.no_grad()

@@ -5,10 +5,14 @@ A stage runs all its sub-blocks on one feature-map size, so the padding, window 
 shift mask and relative-position index are computed once per (size, window, shift, device) and
 cached; the forward pass only looks them up.
 
-Under ``torch.compile`` the geometry is built inside the graph instead, and windows are cut by
-pad + roll + view/permute (which inductor fuses into one copy) rather than by index tensors computed
-in the graph, whose index arithmetic inductor must simplify symbolically (more than 12 minutes for a
-small 3D net with index tensors; 3.5 minutes with pad + roll). With default arguments a second input size
+Windows are cut by pad + roll + view/permute (which inductor fuses into one copy). A cut by one
+cached gather index measured no faster on a CPU (docs/performance.md, "Hot path"), and index tensors
+computed in a ``torch.compile`` graph reach inductor as index arithmetic it must simplify
+symbolically (more than 12 minutes for a small 3D net; 3.5 minutes with pad + roll); the gather and
+scatter indices that explain reads are built on demand (:func:`window_indices`).
+
+Under ``torch.compile`` the geometry is built inside the graph instead of being read from the
+cache. With default arguments a second input size
 makes dynamo trace with symbolic sizes, which is correct but slow to compile (minutes even with
 the ``aot_eager`` backend); the bundles therefore compile with ``dynamic=False``: one static graph
 per input size, and training and sliding-window inference see a single size.
@@ -28,6 +32,7 @@ from monai.networks.nets.swin_unetr import get_window_size, window_partition, wi
 __all__ = [
     "WindowGeometry",
     "window_geometry",
+    "window_indices",
     "window_validity",
     "relative_position_index",
     "shift_regions",
@@ -42,12 +47,8 @@ MASK_VALUE = -100.0
 
 @dataclass(frozen=True, eq=False)
 class WindowGeometry:
-    """How a channels-last feature map of one spatial shape is cut into attention windows.
-
-    Padding, the cyclic shift and the cut into windows are one index: :meth:`partition` is a
-    single gather and :meth:`reverse` a single gather back (shift undone and padding cropped), where
-    the textbook pad + roll + permute takes three copies each way and ``torch.roll`` alone costs
-    more than all the rest.
+    """How a channels-last feature map of one spatial shape is cut into attention windows:
+    :meth:`partition` pads at the end, shifts and cuts, :meth:`reverse` undoes all three.
 
     Attributes:
         spatial_shape: the (unpadded) spatial shape of the feature map.
@@ -56,13 +57,6 @@ class WindowGeometry:
         padded_shape: ``spatial_shape`` padded at the end to a multiple of ``window_size``.
         attn_mask: ``(num_windows, N, N)`` additive mask between shifted regions, or None.
         relative_index: ``(N, N)`` index into a ``(2w-1)^n`` relative-position bias table.
-        gather_index: ``(num_windows * N,)`` token of the flattened map at each window position;
-            padding points one past the end, at a zero token. None for a geometry built in a
-            graph (``torch.compile``, export), which pads, rolls and cuts instead: index tensors
-            computed in the graph would reach the compiler as index arithmetic it must simplify
-            symbolically, which takes inductor minutes per graph.
-        scatter_index: ``(prod(spatial_shape),)`` window position of each token of the map; None
-            with ``gather_index``.
         region_index: ``(num_windows, N)`` shifted region of each window position (tokens attend
             only within their region: ``attn_mask`` is :data:`MASK_VALUE` where regions differ), or
             None without a shift. Lets an attention kernel compute the mask instead of reading it.
@@ -74,8 +68,6 @@ class WindowGeometry:
     padded_shape: tuple[int, ...]
     attn_mask: torch.Tensor | None
     relative_index: torch.Tensor
-    gather_index: torch.Tensor | None
-    scatter_index: torch.Tensor | None
     region_index: torch.Tensor | None = None
 
     @property
@@ -92,27 +84,17 @@ class WindowGeometry:
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, *spatial, C)`` -> ``(B * num_windows, N, C)``: pad at the end, shift, cut."""
-        b, c = x.shape[0], x.shape[-1]
-        if self.gather_index is None:  # built in a graph: pad, roll and cut, which a compiler fuses
-            x = F.pad(x, [0, 0, *_end_pads(self.spatial_shape, self.padded_shape)])  # channels last: no pad
-            if any(self.shift_size):
-                x = torch.roll(x, shifts=tuple(-s for s in self.shift_size), dims=self._axes)
-            return window_partition(x, self.window_size)
-        flat = x.reshape(b, -1, c)
-        if self.is_padded:
-            flat = F.pad(flat, (0, 0, 0, 1))  # the zero token that padding positions point at
-        return flat.index_select(1, self.gather_index).view(-1, self.tokens_per_window, c)
+        x = F.pad(x, [0, 0, *_end_pads(self.spatial_shape, self.padded_shape)])  # channels last: no pad
+        if any(self.shift_size):
+            x = torch.roll(x, shifts=tuple(-s for s in self.shift_size), dims=self._axes)
+        return window_partition(x, self.window_size)
 
     def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
         """Inverse of :meth:`partition`: ``(B * num_windows, N, C)`` -> ``(B, *spatial, C)``."""
-        c = windows.shape[-1]
-        if self.scatter_index is None:
-            x = window_reverse(windows, self.window_size, (batch, *self.padded_shape))
-            if any(self.shift_size):
-                x = torch.roll(x, shifts=self.shift_size, dims=self._axes)
-            return x[(slice(None), *(slice(0, s) for s in self.spatial_shape))]
-        flat = windows.reshape(batch, -1, c).index_select(1, self.scatter_index)
-        return flat.view(batch, *self.spatial_shape, c)
+        x = window_reverse(windows, self.window_size, (batch, *self.padded_shape))
+        if any(self.shift_size):
+            x = torch.roll(x, shifts=self.shift_size, dims=self._axes)
+        return x[(slice(None), *(slice(0, s) for s in self.spatial_shape))]
 
     @property
     def _axes(self) -> tuple[int, ...]:
@@ -127,12 +109,9 @@ def _end_pads(spatial_shape, padded_shape) -> list[int]:
     return pads
 
 
+@functools.lru_cache(maxsize=128)
 def _window_indices(spatial_shape, padded_shape, window_size, shift_size, device):
-    """Gather and scatter indices of :class:`WindowGeometry` (see there).
-
-    Both come from index grids moved through the same pad, roll and window cut as the features, with
-    no data-dependent step, so they trace with symbolic sizes too.
-    """
+    # index grids moved through the same pad, roll and window cut as the features
     tokens = math.prod(spatial_shape)
     grid = torch.arange(tokens, device=device).view(spatial_shape)
     grid = F.pad(grid, _end_pads(spatial_shape, padded_shape), value=tokens)  # padding -> the zero token
@@ -214,9 +193,21 @@ def relative_position_index(window_size: Sequence[int], table_window: int, devic
     return index
 
 
-def _build_geometry(
-    spatial_shape: tuple, window: int, shift: int, device: torch.device, indexed: bool = True
-) -> WindowGeometry:
+def window_indices(geometry: WindowGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each token goes in the windows of ``geometry`` (for explain's maps; built on demand, cached).
+
+    Returns:
+        ``gather``: ``(num_windows * N,)`` token of the flattened map (first batch item) at each window
+        position, ``prod(spatial_shape)`` (one past the last token) at padding; ``scatter``:
+        ``(prod(spatial_shape),)`` window position of each token. ``geometry.partition`` equals
+        gathering the flattened map, with a zero token appended, at ``gather``.
+    """
+    shapes = (geometry.spatial_shape, geometry.padded_shape, geometry.window_size, geometry.shift_size)
+    with torch.inference_mode(False), torch.no_grad():
+        return _window_indices(*(tuple(int(s) for s in shape) for shape in shapes), geometry.relative_index.device)
+
+
+def _build_geometry(spatial_shape: tuple, window: int, shift: int, device: torch.device) -> WindowGeometry:
     full = (window,) * len(spatial_shape)
     window_size, shift_size = get_window_size(spatial_shape, full, (shift,) * len(spatial_shape))
     # ceiling division in integers keeps symbolic sizes symbolic under torch.compile
@@ -224,10 +215,7 @@ def _build_geometry(
     regions = shift_regions(padded, window_size, shift_size, device) if any(shift_size) else None
     mask = region_mask(regions) if regions is not None else None
     index = relative_position_index(window_size, window, device)
-    gather, scatter = _window_indices(spatial_shape, padded, window_size, shift_size, device) if indexed else (None, None)
-    return WindowGeometry(
-        tuple(spatial_shape), tuple(window_size), tuple(shift_size), padded, mask, index, gather, scatter, regions
-    )
+    return WindowGeometry(tuple(spatial_shape), tuple(window_size), tuple(shift_size), padded, mask, index, regions)
 
 
 @functools.lru_cache(maxsize=128)
@@ -251,6 +239,6 @@ def window_geometry(spatial_shape: Sequence[int], window: int, shift: int, devic
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # Build in the graph: a tracer records whatever runs, so every trace holds the same graph
         # and no traced tensor enters the cache; torch.compile keeps sizes symbolic (no int()).
-        return _build_geometry(tuple(spatial_shape), window, shift, torch.device(device), indexed=False)
+        return _build_geometry(tuple(spatial_shape), window, shift, torch.device(device))
     key = (tuple(int(s) for s in spatial_shape), int(window), int(shift), torch.device(device))
     return _cached_geometry(*key)
