@@ -8,7 +8,7 @@ what the GPU runtime itself takes (context, cuDNN workspace, allocator slack: :d
 The activations come from :data:`ACTIVATION_GB`, measured by :func:`activation_gb` (``python -m
 qtunet_monai.memory``): the bytes of the distinct tensors autograd saves in one float32 forward pass of
 batch 1. With AMP on a GPU many of them are half precision, so the model errs on the safe side (an 80 GB
-H100 running QT-UNet-B at 96^3, batch 2, with AMP was seen using 6 GB in all; issue 13).
+H100 running QT-UNet-B at 96^3, batch 2, with AMP was seen using 6 GB in all).
 """
 
 from __future__ import annotations

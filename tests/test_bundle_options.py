@@ -1,5 +1,5 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""The bundles' training and inference options (issue 15): flip TTA, fold ensembles, cross-validation
+"""The bundles' training and inference options: flip TTA, fold ensembles, cross-validation
 folds, baseline architectures, per-case inference time and ONNX export."""
 
 from __future__ import annotations

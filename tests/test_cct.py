@@ -1,5 +1,5 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""UCTransNet's channel-wise skips (``QTUNet(skip="cct")``, issue 23): the channel attention and the gate
+"""UCTransNet's channel-wise skips (``QTUNet(skip="cct")``): the channel attention and the gate
 against literal re-implementations of UCTransNet's code, their invariances, the zero-initialised
 equivalence with the plain network, gradients, checkpointing, tracing and the untouched default."""
 

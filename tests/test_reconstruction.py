@@ -1,5 +1,5 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
-"""MRI reconstruction (issue 25): simulated k-space, fastMRI files through MONAI's reader and ours,
+"""MRI reconstruction: simulated k-space, fastMRI files through MONAI's reader and ours,
 the metrics against direct formulas, bad input, and the bundle end to end on tiny demo data it writes."""
 
 from __future__ import annotations

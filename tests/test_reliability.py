@@ -196,13 +196,12 @@ def test_stale_temporaries_only_of_dead_writers_on_this_host(tmp_path):
     dead = tmp_path / f".model.pt.{host}.{_dead_pid()}.abc_1234.tmp"
     dead_prediction = tmp_path / f".case_seg.nii.gz.{host}.{_dead_pid()}.q1w2e3r4.tmp.nii.gz"
     other_host = tmp_path / f".model.pt.elsewhere.{_dead_pid()}.abc_1234.tmp"
-    legacy_old, legacy_new = tmp_path / ".model.pt.k2j3h4g5.tmp", tmp_path / ".resume.pt.a1b2c3d4.tmp"
-    for p in (dead, dead_prediction, other_host, legacy_old, legacy_new):
+    unknown = tmp_path / ".model.pt.k2j3h4g5.tmp"  # not a name this package writes
+    for p in (dead, dead_prediction, other_host, unknown):
         p.write_bytes(b"partial")
-    os.utime(legacy_old, (time.time() - 7200, time.time() - 7200))
     removed = clean_stale_temporaries(tmp_path)
-    assert sorted(p.name for p in removed) == sorted([dead.name, dead_prediction.name, legacy_old.name])
-    assert other_host.exists() and legacy_new.exists()
+    assert sorted(p.name for p in removed) == sorted([dead.name, dead_prediction.name])
+    assert other_host.exists() and unknown.exists()
 
 
 @pytest.fixture

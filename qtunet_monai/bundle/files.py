@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 from monai.data import NibabelWriter, PILWriter
@@ -28,9 +27,6 @@ logger = logging.getLogger(__name__)
 # .<target name>.<host>.<pid>.<mkstemp's random part>.tmp[<target's extension>]
 _TEMPORARY = re.compile(
     r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp(\.[A-Za-z0-9.]+)?$")
-# earlier versions' name without host and pid: .<target name>.<random>.tmp
-_LEGACY = re.compile(r"^\.(?P<target>.+\.pt)\.[a-z0-9_]{8}\.tmp$")
-LEGACY_AGE_S = 3600.0
 
 
 def _host() -> str:
@@ -96,8 +92,7 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that killed writers left in ``folder``; returns those removed.
 
     Only names this package writes are touched, and of those only the ones written on this host by a
-    process that no longer exists (a live run's temporary is kept). Temporaries of earlier versions,
-    whose names carry no process id, are removed once they are an hour old.
+    process that no longer exists (a live run's temporary is kept).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -105,10 +100,8 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     removed, host = [], _host()
     for entry in folder.iterdir():
         match = _TEMPORARY.match(entry.name)
-        if match:
-            stale = match["host"] == host and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
-        else:
-            stale = bool(_LEGACY.match(entry.name)) and time.time() - entry.stat().st_mtime > LEGACY_AGE_S
+        stale = bool(match) and match["host"] == host and int(match["pid"]) != os.getpid() \
+            and not _alive(int(match["pid"]))
         if stale and entry.is_file():
             entry.unlink(missing_ok=True)
             removed.append(entry)

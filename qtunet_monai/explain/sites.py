@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..networks.blocks.windows import WindowGeometry
@@ -160,8 +159,3 @@ def explicit_attention_output(
     _, _, v = _project(site, queries, keys)
     b, heads, n, head_dim = v.shape
     return site.module.proj((weights @ v).transpose(1, 2).reshape(b, n, heads * head_dim))
-
-
-def pad_token(x: torch.Tensor) -> torch.Tensor:
-    """Append the zero entry along the last axis that a geometry's padding positions point at."""
-    return F.pad(x, (0, 1))
