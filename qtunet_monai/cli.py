@@ -10,6 +10,8 @@ Commands:
     fake_data     a tiny fake data set in a task's official layout (BraTS, BTCV, MSD, CityScapes).
     prepare_data  a task's official download -> the bundle's data list.
     explain  attention maps, rollout and attention distance of a trained bundle; Dice change of ablated blocks.
+    plan   your own data set folder (MSD / nnU-Net v2 dataset.json) -> a configured bundle.
+    auto3dseg_predict  a folder of new cases -> predictions of an Auto3DSeg-trained ensemble (CPU or GPU).
     prepare_recon_demo  the MRI reconstruction demo: fastMRI-layout k-space simulated from the MNI template.
     prepare_recon_data  a data list of fastMRI files (single-coil knee, multi-coil brain).
     recon_report  SSIM, PSNR, NMSE and MAE per volume of the reconstruction bundle's outputs, and a figure.
@@ -342,10 +344,64 @@ def explain(
         print(format_ablation_table(rows))
 
 
+def plan(dataset: str, output: str, modality: str | None = None, gpu_memory_gb: float | None = None,
+         max_epochs: int | None = None, overwrite: bool = False, **options) -> None:
+    """Configure a bundle for your own data set (nnU-Net's planning step; see qtunet_monai.plan).
+
+    Reads an MSD or nnU-Net v2 ``dataset.json``, checks every case (each label against its image), takes the
+    fingerprint with MONAI's Auto3DSeg DataAnalyzer and writes a bundle whose spacing, intensity normalisation,
+    ROI, variant and classes come from it, with a data list in folds, docs and ``plan.json``.
+
+    Args:
+        dataset: the data set folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``[, ``imagesTs/``]).
+        output: the bundle folder to write, e.g. ``bundles/my_task``.
+        modality: CT or MRI (default: CT when every channel is named CT).
+        gpu_memory_gb: memory of the GPU you will train on (default: this machine's; 0: CPU).
+        max_epochs: training epochs (default 300, or the ``--from`` bundle's).
+        overwrite: rewrite the configs of an existing bundle folder.
+        options: ``--from <bundle>``: take the training recipe (crops, augmentation, learning rate, epochs,
+            preset) of an existing bundle, e.g. ``qtunet_msd_spleen_segmentation``.
+    """
+    from .plan import plan as run
+
+    recipe_from = options.pop("from", None)
+    if options:
+        raise ValueError(f"unknown option(s) {sorted(options)} for plan; see python -m qtunet_monai plan --help.")
+    out = run(dataset, output, modality=modality, recipe_from=recipe_from, gpu_memory_gb=gpu_memory_gb,
+              max_epochs=max_epochs, overwrite=overwrite)
+    record = json.loads((out / "plan.json").read_text())
+    settings = record["settings"]
+    print(f"bundle written: {out} ({record['training_cases']} training cases in {record['num_folds']} folds, "
+          f"{record['test_cases']} test cases); spacing {settings['pixdim']} mm, ROI {settings['roi_size']}, "
+          f"QT-UNet-{settings['variant']}, {settings['intensity']['kind']}; why: {out / 'plan.json'}")
+    print(f"next: cd {out} && python -m monai.bundle run --config_file configs/train.json")
+
+
+def auto3dseg_predict(work_dir: str, input_dir: str, output_dir: str, num_fold: int | None = None,
+                      ensemble: str = "AlgoEnsembleBestByFold", n_best: int = 2, check_data: bool = True) -> None:
+    """Predict a folder of new cases with an Auto3DSeg-trained ensemble, on the CPU, one GPU or several
+    (MONAI's EnsembleRunner, called as a finished AutoRunner work folder needs; see qtunet_monai.auto3dseg_predict).
+
+    Args:
+        work_dir: the AutoRunner work folder.
+        input_dir: the folder of NIfTI volumes to predict.
+        output_dir: where ``<name>_ensemble.nii.gz`` goes (label maps in each input's grid and affine).
+        num_fold: folds trained (default: from the work folder).
+        ensemble: AlgoEnsembleBestByFold or AlgoEnsembleBestN.
+        n_best: models for AlgoEnsembleBestN.
+        check_data: read the voxels in the checks (NaN, infinite, extreme values); headers only if False.
+    """
+    from .auto3dseg_predict import predict_ensemble
+
+    written = predict_ensemble(work_dir, input_dir, output_dir, num_fold, ensemble, n_best, check_data)
+    print(f"{len(written)} prediction(s) written to {output_dir}")
+
+
 COMMANDS = {"info": info, "table": table, "bench": bench, "prepare_demo": prepare_demo, "demo_report": demo_report,
             "fake_data": fake_data, "prepare_data": prepare_data, "explain": explain,
             "prepare_recon_demo": prepare_recon_demo, "prepare_recon_data": prepare_recon_data,
-            "recon_report": recon_report}
+            "recon_report": recon_report, "plan": plan,
+            "auto3dseg_predict": auto3dseg_predict}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -367,5 +423,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "explain",
+__all__ = ["info", "table", "bench", "prepare_demo", "demo_report", "fake_data", "prepare_data", "explain", "plan",
+           "auto3dseg_predict",
            "prepare_recon_demo", "prepare_recon_data", "recon_report", "main"]

@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "NonzeroNorm",
     "CTWindow",
+    "CTZScore",
     "RGBNorm",
     "Intensity",
     "SpatialCrop",
@@ -117,7 +118,37 @@ class RGBNorm:
         return f"RGB normalised with {self.source}' mean and standard deviation"
 
 
-Intensity = NonzeroNorm | CTWindow | RGBNorm
+@dataclass(frozen=True)
+class CTZScore:
+    """nnU-Net's CT normalisation: clip Hounsfield units to ``[a_min, a_max]`` (the foreground's 0.5 and 99.5
+    percentiles), then z-score with the foreground's ``mean`` and ``std``; one ``ScaleIntensityRanged`` maps the
+    window linearly onto the z-scores of its ends. Air is not zero afterwards, so no foreground crop follows."""
+
+    a_min: float
+    a_max: float
+    mean: float
+    std: float
+
+    @property
+    def b_min(self) -> float:
+        """The z-score of ``a_min``: the lowest value after normalisation."""
+        return (self.a_min - self.mean) / self.std
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def transforms(self, foreground_crop: dict | None) -> list[dict]:
+        if foreground_crop:
+            raise ValueError("CTZScore leaves no zero background to crop to; use crop_foreground=False.")
+        return [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": self.a_min, "a_max": self.a_max,
+                 "b_min": self.b_min, "b_max": (self.a_max - self.mean) / self.std, "clip": True}]
+
+    def describe(self) -> str:
+        return (f"Hounsfield units clipped to {[self.a_min, self.a_max]} (foreground 0.5/99.5 percentiles) and "
+                f"z-scored with the foreground's mean {self.mean:g} and standard deviation {self.std:g}")
+
+
+Intensity = NonzeroNorm | CTWindow | CTZScore | RGBNorm
 
 
 # ----------------------------------------------------------------------------------------------- crops
@@ -140,11 +171,14 @@ class PosNegCrop:
 
     pos: int
     neg: int
+    # negative crops are centred where the normalised image exceeds this (0: above air in a 0..1 CT window);
+    # z-scored CT needs its lowest value, CTZScore.b_min
+    image_threshold: float = 0
 
     def transform(self) -> dict:
         return {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
                 "spatial_size": "@roi_size", "pos": self.pos, "neg": self.neg, "num_samples": "@num_samples",
-                "image_key": "image", "image_threshold": 0}
+                "image_key": "image", "image_threshold": self.image_threshold}
 
     def describe(self) -> str:
         return f"label-balanced crops (positive:negative {self.pos}:{self.neg})"

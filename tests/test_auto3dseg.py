@@ -85,6 +85,21 @@ def test_autorunner_end_to_end_offline_on_cpu(tmp_path, monkeypatch):
     np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-4)
     assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= {0, 1, 2}
 
+    # new cases afterwards, on the CPU: a folder in, the same ensemble's predictions in the output folder
+    from qtunet_monai.auto3dseg_predict import predict_ensemble
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "case_a.nii.gz").write_bytes((tmp_path / "data" / "img4.nii.gz").read_bytes())
+    written = predict_ensemble(work, new, tmp_path / "pred")
+    assert written == [tmp_path / "pred" / "case_a_ensemble.nii.gz"]
+    again = nib.load(written[0])
+    np.testing.assert_allclose(again.affine, source.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(prediction.dataobj))
+    (new / "broken.nii.gz").write_bytes(b"not a volume")
+    with pytest.raises(DataError, match="broken.nii.gz"):  # named before the ensemble starts
+        predict_ensemble(work, new, tmp_path / "pred2")
+
 
 def _template_copy(tmp_path: Path) -> Path:
     import shutil

@@ -350,7 +350,10 @@ def checked_for_prediction(task: Task, datalist: str, with_label: bool) -> str:
 def inference_config(task: Task) -> dict:
     config = _common(task)
     config.update({
-        "datalist": "$qtunet_bundle.load_datalist(@datalist_file, 'testing')",
+        # --input_dir some/folder: every image of the folder instead of the data list's 'testing' cases
+        "input_dir": None,
+        "datalist": (f"$qtunet_bundle.folder_datalist(@input_dir, @in_channels, {task.spatial_dims}) if @input_dir "
+                     "else qtunet_bundle.load_datalist(@datalist_file, 'testing')"),
         "network_def": _network_def(task, train=False),
         "network": "$@network_def.to(@device)",
         **_compiled_network(),

@@ -19,7 +19,7 @@ from .checkpoints import (
     load_pretrained,
     prepare_folder,
 )
-from .datalist import check_cases, load_datalist
+from .datalist import check_cases, folder_datalist, load_datalist
 from .distributed import DeviceError, finish_distributed, init_distributed, local_gpu, local_rank, process_device
 from .errors import (
     CheckpointError,
@@ -73,6 +73,7 @@ __all__ = [
     "DataError",
     "check_cases",
     "load_datalist",
+    "folder_datalist",
     "DeviceError",
     "init_distributed",
     "finish_distributed",

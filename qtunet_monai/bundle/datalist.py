@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -20,7 +21,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["DataError", "load_datalist", "check_cases", "geometry_differences", "image_shape", "output_stem",
+__all__ = ["DataError", "load_datalist", "folder_datalist", "check_cases", "geometry_differences", "image_shape", "output_stem",
            "INTENSITY_LIMIT", "GEOMETRY_TOLERANCE_MM", "DIRECTION_TOLERANCE"]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,40 @@ def load_datalist(datalist_file: str, key: str, base_dir: str | None = None) -> 
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_VOLUME_SUFFIXES = (".nii.gz", ".nii")
+# nnU-Net's channel files: <case>_0000.nii.gz, <case>_0001.nii.gz, ...
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+
+
+def folder_datalist(folder: str, in_channels: int | None = None, spatial_dims: int = 3) -> list[dict]:
+    """Every image of ``folder`` as cases to predict (the inference configs' ``--input_dir``), sorted by name:
+    NIfTI volumes (``.nii.gz``, ``.nii``) for 3D bundles, image files (PNG, ...) for 2D ones; sub-folders and
+    other files are ignored. With ``in_channels`` > 1, nnU-Net's per-channel files (``case_0000.nii.gz``,
+    ``case_0001.nii.gz``, ...) become one case whose image is the list of its channel files.
+
+    Args:
+        folder: the folder of images to predict.
+        in_channels: the network's input channels (None or 1: one file per case).
+        spatial_dims: 3 (NIfTI volumes) or 2 (image files).
+
+    Raises:
+        DataError: ``folder`` is not a folder or holds no image of the expected kind.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"input folder {path} does not exist or is not a folder (--input_dir).")
+    suffixes = _VOLUME_SUFFIXES if spatial_dims == 3 else _IMAGE_SUFFIXES
+    files = sorted(str(f.resolve()) for f in path.iterdir() if f.is_file() and f.name.lower().endswith(suffixes))
+    if not files:
+        kinds = "NIfTI volumes (.nii.gz, .nii)" if spatial_dims == 3 else f"images ({', '.join(_IMAGE_SUFFIXES)})"
+        raise DataError(f"input folder {path} holds no {kinds} to predict (--input_dir).")
+    matches = [_CHANNEL_FILE.match(Path(f).name) for f in files]
+    if spatial_dims != 3 or not in_channels or in_channels < 2 or not all(matches):
+        return [{"image": f} for f in files]
+    cases: dict[str, list[tuple[int, str]]] = {}
+    for file, match in zip(files, matches):
+        cases.setdefault(match["case"], []).append((int(match["channel"]), file))
+    return [{"image": [f for _, f in sorted(channels)]} for _, channels in sorted(cases.items())]
 
 
 class _Opened(NamedTuple):
