@@ -24,7 +24,7 @@ from monai.apps.auto3dseg import AutoRunner
 from . import pipeline
 from .utils import unwrap_module
 
-__all__ = ["TemplateError", "CheckedAutoRunner", "check_data_source", "fill_hyper_parameters", "load_config",
+__all__ = ["TemplateError", "CheckedAutoRunner", "refuse_gpu_customization", "check_data_source", "fill_hyper_parameters", "load_config",
            "build_transforms", "train", "validate", "InferClass"]
 
 logger = logging.getLogger(__name__)
@@ -218,8 +218,33 @@ def _check_datalist(source: dict) -> None:
     check_data_source(source, check_values=False)
 
 
+#: why the template refuses MONAI's gpu_customization rather than ignoring it
+GPU_CUSTOMIZATION_REFUSED = (
+    "gpu_customization: the qtunet template does not run MONAI's dummy-training search; it sizes the variant, "
+    "ROI and batch from the GPU's memory itself (gpu_memory_gb in hyper_parameters.yaml). Call "
+    "set_gpu_customization(False); to choose the batches yourself, runner.set_training_params("
+    "{'num_images_per_batch': N, 'num_sw_batch_size': M}).")
+
+
+def refuse_gpu_customization(requested: bool) -> None:
+    """Raise :class:`TemplateError` when MONAI's ``gpu_customization`` is asked of the qtunet template.
+
+    Args:
+        requested: the ``gpu_customization`` switch (AutoRunner, BundleGen or the algo's template filling).
+    """
+    if requested:
+        raise TemplateError(GPU_CUSTOMIZATION_REFUSED)
+
+
 class CheckedAutoRunner(AutoRunner):
-    """MONAI's ``AutoRunner`` that runs :func:`check_data_source` before its data analysis."""
+    """MONAI's ``AutoRunner`` that runs :func:`check_data_source` before its data analysis, and refuses
+    ``gpu_customization`` for the qtunet template at once (the template would otherwise stop at generation)."""
+
+    def set_gpu_customization(self, gpu_customization: bool = False, gpu_customization_specs=None):
+        names = self.algos if isinstance(self.algos, (list, tuple, dict)) else [self.algos]
+        if self.algos is None or "qtunet" in names:  # None: every template found, ours included
+            refuse_gpu_customization(gpu_customization)
+        return super().set_gpu_customization(gpu_customization, gpu_customization_specs)
 
     def run(self):
         if self.analyze:

@@ -285,6 +285,8 @@ def explain(
     checkpoint: str = "models/model.pt",
     figures_dir: str | None = None,
     label: str | None = None,
+    accept_settings: bool = False,
+    **overrides,
 ) -> None:
     """Look inside a trained QT-UNet bundle (see qtunet_monai.explain).
 
@@ -309,11 +311,14 @@ def explain(
         figures_dir: also copy ``cross_attention.png`` and ``attention_distance.png`` here (e.g. docs/).
         label: a label of ``image`` for the heavy share per class of a conditional network (default: the
             prediction).
+        accept_settings: use overrides that contradict the settings stored with the model.
+        overrides: the bundle's own keys, as for its commands (``--pixdim "[2.0, 2.0, 2.0]"``, ``--roi_size``,
+            ...); by default the settings stored with the model (``models/settings.json``) apply.
     """
     import shutil
     from pathlib import Path
 
-    from .explain import ablation_dice, explain_image, format_ablation_table, load_bundle_network
+    from .explain import ablation_dice, class_names, explain_image, format_ablation_table, load_bundle_network
 
     if image is None and ablate is None:
         raise ValueError("give --image and --voxel (attention maps), --ablate (Dice change), or both.")
@@ -324,11 +329,13 @@ def explain(
             raise ValueError("--image needs --voxel x,y,z (or a box x0:x1,y0:y1,z0:z1).")
         if not Path(image).is_file():
             raise ValueError(f"image {image} does not exist.")
-        network, parser = load_bundle_network(bundle_dir, checkpoint)
+        network, parser = load_bundle_network(bundle_dir, checkpoint, overrides=overrides,
+                                              accept_settings=accept_settings)
         if label is not None and not Path(label).is_file():
             raise ValueError(f"label {label} does not exist.")
         summary = explain_image(network, image, voxel, str(out), parser.get_parsed_content("preprocessing"),
-                                device=parser.get_parsed_content("device"), label_file=label)
+                                device=parser.get_parsed_content("device"), label_file=label,
+                                class_names=class_names(parser))
         print(f"attention maps of {summary['voxel']} (predicted class {summary['predicted_class_at_voxel']}) "
               f"written under {out}")
         if figures_dir:
@@ -338,7 +345,8 @@ def explain(
             print(f"figures copied to {figures_dir}")
     if ablate is not None:
         specs = [s.strip() for s in ablate.split(",")] if isinstance(ablate, str) else [str(s) for s in ablate]
-        rows = ablation_dice(bundle_dir, specs, split=split, checkpoint=checkpoint)
+        rows = ablation_dice(bundle_dir, specs, split=split, checkpoint=checkpoint, overrides=overrides,
+                             accept_settings=accept_settings)
         (out / "ablation.json").write_text(json.dumps(rows, indent=1))
         print(f"Dice on the {len(rows[0]['cases'])} '{split}' case(s) with attention blocks ablated:")
         print(format_ablation_table(rows))

@@ -121,6 +121,10 @@ class QTUNetTrainTask(BundleTrainTask):
         return train, val
 
     def _update_overrides(self, overrides: dict) -> None:
+        from .bundle.settings import TRAINED_MODEL
+
+        # retraining continues the served model: its stored network and data settings apply, the recipe is the round's
+        overrides["trained"] = TRAINED_MODEL
         checks.retraining_overrides(overrides, self.bundle_path, self._round.get("report"),
                                     self._round.get("validation", ""), self.const.key_train_dataset_data(),
                                     self.const.key_validate_dataset_data(), self.const.key_train_handlers())
@@ -139,12 +143,19 @@ def label_values_of(bundles: dict[str, str]) -> list[int] | None:
     """The label values any of the served bundles trains on (``label_values`` or ``range(num_classes)``)."""
     from monai.bundle import ConfigParser
 
+    from .bundle.settings import TRAINED
+
     values: set[int] = set()
     for path in bundles.values():
-        config = ConfigParser.load_config_file(str(Path(path) / "configs" / "train.json"))
-        if config.get("label_values") is None and not isinstance(config.get("num_classes"), int):
+        # resolved, with the settings stored beside the bundle's model (a training's --label_values travels)
+        parser = ConfigParser()
+        parser.read_config(str(Path(path) / "configs" / "train.json"))
+        parser.update({"bundle_root": str(path), "trained": TRAINED})
+        given = parser.get_parsed_content("label_values") if "label_values" in parser else None
+        classes = parser.get_parsed_content("num_classes") if "num_classes" in parser else None
+        if given is None and not isinstance(classes, int):
             return None
-        values |= set(config.get("label_values") or range(config["num_classes"]))
+        values |= set(given or range(classes))
     return sorted(values)
 
 

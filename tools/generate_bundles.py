@@ -25,13 +25,17 @@ from pathlib import Path
 import qtunet_monai
 from qtunet_monai import pipeline
 from qtunet_monai.bundle.presets import NETWORK_KEYS, PRESETS
+from qtunet_monai.bundle.settings import MODEL_KEYS, RECIPE_KEYS, TRAINED
 from qtunet_monai.tasks import TASKS, Task
 
 __all__ = ["render_bundle", "write_bundles", "check_bundles", "main"]
 
 # Versions the bundles were tested with (metadata.json); the package's own comes from qtunet_monai.__version__.
-VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.4.6", "qtunet_monai": qtunet_monai.__version__, "nibabel": "5.4.2",
-            "pytorch-ignite": "0.5.5", "tensorboard": "2.21.0", "tqdm": "4.70.1", "pillow": "13.0.0",
+# Each must install on every Python pyproject.toml supports (>= 3.10, the model zoo's CI): numpy 2.2.6 and
+# pillow 12.3.0 are the newest for 3.10 (`pip index versions numpy --python-version 3.10`; numpy 2.3 and
+# pillow 13 need 3.11). tests/test_settings.py checks this.
+VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.2.6", "qtunet_monai": qtunet_monai.__version__, "nibabel": "5.4.2",
+            "pytorch-ignite": "0.5.5", "tensorboard": "2.21.0", "tqdm": "4.70.1", "pillow": "12.3.0",
             "nilearn": "0.14.1"}
 SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
               "meta_schema_20240725.json")
@@ -201,6 +205,41 @@ def _compiled_network() -> dict:
     return {"compile": False, "engine_network": "$torch.compile(@network, dynamic=False) if @compile else @network"}
 
 
+# ------------------------------------------------------------------------------------- stored settings
+# qtunet_monai/bundle/settings.py: training writes these keys' values to settings.json beside the model;
+# later commands use them unless told otherwise, and stop on a contradiction (--accept_settings True accepts)
+CHECK_MODEL_SETTINGS = "$qtunet_bundle.check_settings(@trained, @model_settings, @accept_settings, @settings_file)"
+
+
+def _travelling(config: dict, trained: str) -> dict:
+    """Make ``config``'s settings travel with the model: each setting key takes the stored value
+    (``@trained``) when there is one, else the value it had; adds the keys that find, read and list them.
+
+    Args:
+        config: a train or inference config (changed in place and returned).
+        trained: the expression of the stored settings (``{}`` where none apply, e.g. a fresh training).
+    """
+    for key in (*MODEL_KEYS, *RECIPE_KEYS):
+        value = config.get(key, ...)
+        if value is ...:
+            continue
+        if isinstance(value, str) and value.startswith("$qtunet_bundle.preset(@preset)"):
+            config[key] = value.replace("preset(@preset)", "preset(@preset, @trained)")
+        else:
+            config[key] = f"$@trained.get({key!r}, {value!r})"
+    config.update({"settings_file": "$qtunet_bundle.settings_file(@ckpt_file)", "trained": trained,
+                   "accept_settings": False, "model_settings": {k: f"@{k}" for k in MODEL_KEYS if k in config}})
+    recipe = {k: f"@{k}" for k in RECIPE_KEYS if k in config}
+    if recipe:
+        config["recipe_settings"] = recipe
+    return config
+
+
+def _lazy(expression: str) -> str:
+    """A data-list expression read only when a case is first used, so the config resolves without data."""
+    return f"$qtunet_bundle.lazy(lambda: {expression[1:]})"
+
+
 def train_config(task: Task) -> dict:
     config = _common(task)
     config.update({
@@ -309,6 +348,15 @@ def train_config(task: Task) -> dict:
         "$@resume_checkpoint.attach(@train#trainer)",
     ]
     config["run"] = ["$@train#trainer.run()"]
+    # a fresh training writes its own settings; --resume True continues with (and checks) the stored ones
+    _travelling(config, f"{TRAINED} if @resume else {{}}")
+    config["initialize"] = [
+        ("$qtunet_bundle.check_settings(@trained, {**@model_settings, **@recipe_settings}, @accept_settings, "
+         "@settings_file)"),
+        *config["initialize"],
+        # last: after the data checks, so a refused run leaves the stored settings alone
+        "$qtunet_bundle.write_settings(@settings_file, @model_settings, @recipe_settings)",
+    ]
     return config
 
 
@@ -332,7 +380,9 @@ def evaluate_config(task: Task) -> dict:
              "summary_ops": "*"},
         ],
         "validate#dataset#data": checked_for_prediction(task, "@validate#datalist", with_label=True),
-        "initialize": ["$setattr(torch.backends.cudnn, 'benchmark', True)", "$qtunet_bundle.check_writable(@output_dir)"],
+        "trained": TRAINED,
+        "initialize": [CHECK_MODEL_SETTINGS, "$setattr(torch.backends.cudnn, 'benchmark', True)",
+                       "$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@validate#evaluator.run()"],
     }
 
@@ -382,10 +432,13 @@ def inference_config(task: Task) -> dict:
                       "network": "@engine_network", "inferer": _tta(task, "@inferer"),
                       "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
-        "initialize": ["$monai.utils.set_determinism(seed=123)", "$qtunet_bundle.check_writable(@output_dir)"],
+        "initialize": [CHECK_MODEL_SETTINGS, "$monai.utils.set_determinism(seed=123)",
+                       "$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@evaluator.run()"],
     })
-    return config
+    config["datalist"] = _lazy(config["datalist"])
+    config["dataset"]["data"] = _lazy(config["dataset"]["data"])
+    return _travelling(config, TRAINED)
 
 
 def ensemble_config(task: Task) -> dict:
@@ -395,6 +448,8 @@ def ensemble_config(task: Task) -> dict:
     return {
         "network": f"$qtunet_bundle.FoldEnsemble(@network_def, {checkpoints}, sigmoid={task.sigmoid}).to(@device)",
         "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],  # the members load their own weights
+        # the folds share one set of settings: the first fold's
+        "settings_file": "$@ckpt_dir + '/fold0/settings.json'",
     }
 
 

@@ -36,6 +36,14 @@ from .inference import FlipTTAInferer, FoldEnsemble, InferenceTimer
 from .onnx_export import export_onnx
 from .optim import no_weight_decay_names, param_groups
 from .presets import PRESETS, network_options, preset
+from .settings import (
+    LazyCases,
+    check_settings,
+    lazy,
+    load_settings,
+    settings_file,
+    write_settings,
+)
 from .transforms import LabelsToRegionsd, MaskVoidd, RegionsToLabelsd, VoidMaskedDiceLoss
 
 __all__ = [
@@ -70,6 +78,12 @@ __all__ = [
     "PRESETS",
     "preset",
     "network_options",
+    "settings_file",
+    "load_settings",
+    "write_settings",
+    "check_settings",
+    "LazyCases",
+    "lazy",
     "DataError",
     "check_cases",
     "load_datalist",

@@ -37,11 +37,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str) -> dict[str, Any]:
-    """The config values of preset ``name`` (a key of :data:`PRESETS`)."""
+def preset(name: str, trained: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config values of preset ``name`` (a key of :data:`PRESETS`).
+
+    Args:
+        name: the preset.
+        trained: the settings a model was trained with (``settings.json``); when they name the same
+            preset, their values of its keys win (a key overridden in training travels with the model).
+    """
     if name not in PRESETS:
         raise SettingError(f"unknown preset {name!r} (--preset); choose one of {list(PRESETS)}.")
-    return dict(PRESETS[name])
+    values = dict(PRESETS[name])
+    if trained and trained.get("preset") == name:
+        values.update({key: trained[key] for key in values if key in trained})
+    return values
 
 
 def network_options(name: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from .recorder import AttentionRecorder, Capture
 from .report import (
     ablation_dice,
     attention_distance_table,
+    class_names,
     explain_image,
     format_ablation_table,
     load_bundle_network,
@@ -53,6 +54,7 @@ __all__ = [
     "attention_mass_table",
     "attention_probabilities",
     "attention_rollout",
+    "class_names",
     "attention_sites",
     "explain_image",
     "explicit_attention_output",

@@ -63,6 +63,7 @@ from .sites import attention_sites, level_strides
 __all__ = [
     "ablation_dice",
     "attention_distance_table",
+    "class_names",
     "explain_image",
     "format_ablation_table",
     "load_bundle_network",
@@ -359,8 +360,12 @@ def _first_channel(image_file: str) -> np.ndarray:
     return data if data.ndim == 3 else data.reshape(*data.shape[:3], -1)[..., 0]
 
 
-def _bundle_parser(bundle_dir: str, config: str):
+def _bundle_parser(bundle_dir: str, config: str, ckpt_file: Path | None = None, overrides: dict | None = None):
+    """The bundle's ``config`` with the settings stored beside ``ckpt_file`` (as every bundle command) and
+    ``overrides`` (the bundle's own keys, e.g. ``pixdim``) applied."""
     from monai.bundle import ConfigParser
+
+    from ..bundle.settings import TRAINED
 
     root = Path(bundle_dir)
     config_file = root / "configs" / config
@@ -372,20 +377,44 @@ def _bundle_parser(bundle_dir: str, config: str):
     if meta.is_file():
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(root)
+    if ckpt_file is not None:
+        parser["ckpt_file"] = str(ckpt_file)
+    if "settings_file" in parser:  # the model's stored settings apply (train.json reads them only to resume)
+        parser["trained"] = TRAINED
+    for key, value in (overrides or {}).items():
+        if key not in parser:
+            raise ValueError(f"--{key}: {config_file} has no such key; give the bundle's own keys (pixdim, roi_size, ...).")
+        parser[key] = value
     return parser
 
 
-def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", config: str = "inference.json"):
+def _check_settings(parser, accept: bool) -> None:
+    """Stop when the overrides contradict the settings the model was trained with (as the bundle's commands do)."""
+    from ..bundle.settings import check_settings
+
+    if "model_settings" in parser:
+        check_settings(_parsed(parser, "trained"), _parsed(parser, "model_settings"), accept,
+                       _parsed(parser, "settings_file"))
+
+
+def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", config: str = "inference.json",
+                        overrides: dict | None = None, accept_settings: bool = False):
     """The bundle's network with its trained weights, and the parsed config.
+
+    The settings stored with the model (``settings.json`` beside ``checkpoint``) apply, as in the bundle's
+    own commands; ``overrides`` that contradict them stop with the differences listed.
 
     Args:
         bundle_dir: the bundle folder.
         checkpoint: the weights, relative to the bundle (a plain state dict, as the bundle's training writes).
         config: the config whose ``network_def`` builds the network.
+        overrides: config keys to set, as on the bundle's command line (``{"pixdim": [2.0, 2.0, 2.0]}``).
+        accept_settings: use overrides that contradict the stored settings (``--accept_settings True``).
     """
-    parser = _bundle_parser(bundle_dir, config)
-    network = parser.get_parsed_content("network_def")
     path = resolve_inside(Path(bundle_dir), checkpoint)
+    parser = _bundle_parser(bundle_dir, config, path, overrides)
+    _check_settings(parser, accept_settings)
+    network = _parsed(parser, "network_def")
     if not path.is_file():
         raise ValueError(f"no trained weights at {path}: train the bundle first (see its docs/README.md).")
     state = read_checkpoint(path)  # a CheckpointError (a ValueError) names the file and the reason
@@ -394,6 +423,16 @@ def load_bundle_network(bundle_dir: str, checkpoint: str = "models/model.pt", co
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit the network of {bundle_dir}/configs/{config}: {e}") from e
     return network, parser
+
+
+def class_names(parser) -> list[str]:
+    """The bundle's class names, one per output channel: its metadata's ``channel_def`` (``class <i>`` where
+    it names none).
+
+    Args:
+        parser: the bundle's parsed config, metadata read (as :func:`load_bundle_network` returns it).
+    """
+    return _class_names(parser, int(_parsed(parser, "num_classes")))
 
 
 def _class_names(parser, count: int) -> list[str]:
@@ -418,7 +457,8 @@ def _parsed(parser, id: str):
 
 @torch.no_grad()
 def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testing",
-                  checkpoint: str = "models/model.pt", device: str | None = None) -> list[dict]:
+                  checkpoint: str = "models/model.pt", device: str | None = None, overrides: dict | None = None,
+                  accept_settings: bool = False) -> list[dict]:
     """Dice of a trained bundle on one split of its data list, as trained and with each ablation.
 
     Uses the bundle's validation pipeline from ``configs/train.json`` (preprocessing, sliding-window
@@ -431,6 +471,8 @@ def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testi
         split: data-list split with labels (``testing`` for the demo, ``validation`` otherwise).
         checkpoint: the weights, relative to the bundle.
         device: default: the bundle's device.
+        overrides: config keys to set, as on the bundle's command line; the stored settings apply otherwise.
+        accept_settings: use overrides that contradict the stored settings.
 
     Returns:
         one row per evaluation (the first is the trained network): ``ablation``, ``blocks``, ``split``,
@@ -441,7 +483,8 @@ def ablation_dice(bundle_dir: str, ablations: Sequence[str], split: str = "testi
     """
     from monai.metrics import DiceMetric
 
-    network, parser = load_bundle_network(bundle_dir, checkpoint, config="train.json")
+    network, parser = load_bundle_network(bundle_dir, checkpoint, config="train.json", overrides=overrides,
+                                          accept_settings=accept_settings)
     # set by id: the parser re-resolves the config; editing the parsed dict would leave the validation split
     parser["validate#split"] = split
     run_on = torch.device(device) if device else parser.get_parsed_content("device")
