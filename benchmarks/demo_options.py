@@ -7,6 +7,7 @@ trained for the same wall-time budget through the bundle's own configs and comma
     python benchmarks/demo_options.py run --arms detail --seed 7      # another seed of an arm
     python benchmarks/demo_options.py table                           # the docs' table from the results
     python benchmarks/demo_options.py figure                          # validation Dice against time
+    python benchmarks/demo_options.py capacity_sweep --arm router_light --capacities 0.125,0.25,0.5,1.0
 
 Every arm trains with ``--time_budget_min`` set to the budget (default: the wall time of the
 ``segresnet`` arm's 30 epochs in this campaign, seed 123, so the baseline shipped with the bundle
@@ -80,6 +81,10 @@ ARMS: dict[str, tuple[dict, str | None, str]] = {
     # the recipe and deep supervision on the chosen configuration
     "chosen_recipe": ({**CHOSEN, **RECIPE}, None, "detail path 12-24 + AdamW, wd 0.05, warm-up 3, lr 2e-3"),
     "chosen_ds": ({**CHOSEN, "deep_supervision": True}, None, "detail path 12-24 + deep supervision"),
+    # conditional light/heavy Swin blocks (seed 003) on the chosen configuration; `capacity_sweep` then
+    # predicts the test case with its model at other capacities
+    "router_light": ({**CHOSEN, "router": "light", "capacity": 0.25}, None,
+                     "detail path 12-24 + conditional blocks, light router, capacity 0.25"),
     "accurate": ({"preset": "accurate"}, None, "`--preset accurate` (the bundle's default)"),
     "quickstart": ({"preset": "accurate", "max_epochs": 10}, None, "`--max_epochs 10`: the README's quick start"),
 }
@@ -198,6 +203,72 @@ def main(arms: str | tuple = ("segresnet", "default", "detail"), seed: int = 123
               f"({arm.get('epochs', '-')} epochs), {arm['params_m']} M, {arm['gflops']} GFLOPs", flush=True)
 
 
+def _capacities(capacities: str | float | tuple) -> list[float]:
+    """``--capacities 0.125,0.25`` (fire passes a tuple, a float or a string) as a list of fractions."""
+    values = capacities.split(",") if isinstance(capacities, str) else (
+        list(capacities) if isinstance(capacities, (list, tuple)) else [capacities])
+    try:
+        parsed = [float(str(v).strip()) for v in values if str(v).strip()]
+    except ValueError:
+        parsed = []
+    if not parsed or not all(0.0 <= c <= 1.0 for c in parsed):
+        raise SystemExit(f"--capacities {capacities!r}: give fractions in [0, 1] separated by commas.")
+    return parsed
+
+
+def capacity_sweep(arm: str = "router_light", capacities: str | tuple = (0.125, 0.25, 0.5, 1.0), seed: int = 123,
+                   work_dir: str = "/tmp/qtunet_demo_options", output: str = str(RESULTS)) -> dict:
+    """Predict the test case with a conditional arm's trained model at each capacity (the routed share of
+    each window's tokens; same weights) and record test Dice per class and inference time under that
+    arm's run in the results (``capacity_sweep``).
+
+    Each capacity is one ``configs/train.json`` + ``configs/evaluate.json`` run on the testing split with
+    the arm's own overrides and ``--capacity``, writing to ``eval_capacity_<c>/`` of the arm's work
+    folder; the Dice is :func:`qtunet_monai.data.demo.report`'s (the arm's ``test_dice``), the time the
+    bundle's per-case inference timer (network and sliding window, one pass, the process' first).
+
+    Args:
+        arm: a trained arm of :data:`ARMS` with a ``router``.
+        capacities: comma-separated fractions in [0, 1].
+        seed: the arm's seed.
+        work_dir: the campaign's work folder (the arm's model is ``<work_dir>/<arm>__seed<seed>/models``).
+        output: the results file; the arm's run of ``seed`` must be in it.
+    """
+    from qtunet_monai.data.demo import report
+
+    if arm not in ARMS or not ARMS[arm][0].get("router"):
+        raise SystemExit(f"arm {arm!r} is not a conditional arm; choose from "
+                         f"{[n for n, a in ARMS.items() if a[0].get('router')]}")
+    values = _capacities(capacities)
+    bundle, out = Path(work_dir) / f"{arm}__seed{seed}", Path(output)
+    if not (bundle / "models" / "model.pt").is_file():
+        raise SystemExit(f"no trained model in {bundle / 'models'}: run the arm first (run --arms {arm} --seed {seed})")
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    run = results.get("arms", {}).get(arm, {}).get(str(seed))
+    if run is None:
+        raise SystemExit(f"{out} has no run of arm {arm!r} with seed {seed}: run the arm first")
+    inference = {k: v for k, v in ARMS[arm][0].items() if k not in ("max_epochs", "learning_rate", "weight_decay")}
+    configs = "['configs/train.json','configs/evaluate.json']"
+    sweep = {}
+    for capacity in values:
+        eval_dir = bundle / f"eval_capacity_{capacity}"
+        shutil.rmtree(eval_dir, ignore_errors=True)
+        process_s = _bundle(["--config_file", configs,
+                             *_cli({**inference, "capacity": capacity, "output_dir": str(eval_dir)})],
+                            bundle, bundle / "capacity_sweep.log")
+        rows = (eval_dir / "inference_time_raw.csv").read_text().splitlines()[1:]
+        dice = report(str(eval_dir / "brain_template_seg.nii.gz"), str(bundle / "data" / "labelsTs" / "brain_template.nii.gz"),
+                      str(bundle / "data" / "imagesTs" / "brain_template.nii.gz"), str(eval_dir / "demo_report.png"))
+        sweep[str(capacity)] = {"test_dice": dice, "inference_s": round(sum(float(r.split(",")[1]) for r in rows), 3),
+                                "process_s": round(process_s, 1)}
+        print(f"{arm} (seed {seed}) capacity {capacity}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+              + f"; inference {sweep[str(capacity)]['inference_s']} s", flush=True)
+    results = json.loads(out.read_text()) if out.is_file() else results  # another arm may have finished meanwhile
+    results["arms"][arm][str(seed)]["capacity_sweep"] = sweep
+    out.write_text(json.dumps(results, indent=1))
+    return sweep
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -222,6 +293,18 @@ def table(results: str = str(RESULTS)) -> str:
         epochs = "/".join(str(r["epochs"]) for r in trained) if trained else "-"
         lines.append(f"| `{name}`: {label} | {len(runs)} | " + " | ".join(dice)
                      + f" | {val} | {train} | {epochs} | {runs[0]['params_m']:.2f} | {runs[0]['gflops']:.2f} |")
+    sweeps = [(name, seed, run["capacity_sweep"]) for name, runs in data["arms"].items()
+              for seed, run in runs.items() if "capacity_sweep" in run]
+    if sweeps:  # a second table: a conditional arm's model predicting at other capacities (capacity_sweep)
+        lines += ["", "| arm | seed | capacity | CSF | grey matter | white matter | test mean Dice | inference (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, seed, sweep in sweeps:
+            trained = ARMS[name][0].get("capacity") if name in ARMS else None
+            for capacity, row in sorted(sweep.items(), key=lambda item: float(item[0])):
+                mark = " (trained)" if trained is not None and float(capacity) == float(trained) else ""
+                lines.append(f"| `{name}` | {seed} | {capacity}{mark} | "
+                             + " | ".join(f"{row['test_dice'][k]:.3f}" for k in (*CLASSES, "mean"))
+                             + f" | {row['inference_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -254,4 +337,4 @@ def figure(results: str = str(RESULTS), output: str = str(DEMO / "docs" / "campa
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": main, "table": table, "figure": figure})
+    fire.Fire({"run": main, "table": table, "figure": figure, "capacity_sweep": capacity_sweep})

@@ -33,7 +33,7 @@ from .bundle.distributed import process_device
 from .bundle.presets import network_options
 from .networks import QTUNet
 
-__all__ = ["MODELS", "SCENARIOS", "build_model", "run_benchmark", "bench"]
+__all__ = ["MODELS", "DEFAULT_MODELS", "SCENARIOS", "build_model", "run_benchmark", "bench"]
 
 IN_CHANNELS, OUT_CHANNELS = 4, 3  # BraTS: 4 MRI channels -> TC, WT, ET
 REFERENCE = "swinunetr"
@@ -69,6 +69,11 @@ def _unet(roi: int) -> nn.Module:
     return UNet(3, IN_CHANNELS, OUT_CHANNELS, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
 
 
+def _conditional(variant: str, capacity: float) -> Callable[[int], nn.Module]:
+    """QT-UNet with conditional light/heavy blocks (light router) at ``capacity``, the bundles' ``--router light``."""
+    return lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant=variant, router="light", capacity=capacity)
+
+
 #: model name -> builder(roi); UNETR needs the input size at construction.
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "qtunet-tiny": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="tiny"),
@@ -76,11 +81,16 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "qtunet-base": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="base"),
     # QT-UNet-T with the network options of the bundles' ``--preset accurate``
     "qtunet-tiny-accurate": lambda roi: QTUNet(IN_CHANNELS, OUT_CHANNELS, variant="tiny", **network_options("accurate")),
+    # dense vs conditional in one run: --models qtunet-tiny,qtunet-tiny-cond0.25,qtunet-tiny-cond0.5,...
+    **{f"qtunet-{v}-cond{c}": _conditional(v, c) for v in ("tiny", "base") for c in (0.25, 0.5)},
     "swinunetr": _swinunetr,
     "unetr": _unetr,
     "segresnet": _segresnet,
     "unet": _unet,
 }
+
+#: what ``bench`` measures unless told: every model but the conditional ones (``--models`` names those)
+DEFAULT_MODELS = tuple(name for name in MODELS if "-cond" not in name)
 
 #: scenario -> (kind, roi). ``sliding`` runs a whole BraTS-sized volume through MONAI's sliding window.
 SCENARIOS = {
@@ -386,7 +396,7 @@ def to_markdown(result: dict) -> str:
 
 
 def bench(
-    models: str | Sequence[str] = ",".join(MODELS),
+    models: str | Sequence[str] = ",".join(DEFAULT_MODELS),
     scenarios: str | Sequence[str] = "infer96,infer128,train96,sliding128",
     repeats: int = 3,
     device: str = "cpu",
@@ -404,7 +414,9 @@ def bench(
 
     Args:
         models: comma-separated names from qtunet-tiny, qtunet-small, qtunet-base, qtunet-tiny-accurate
-            (``--preset accurate``'s network), swinunetr, unetr, segresnet, unet.
+            (``--preset accurate``'s network), swinunetr, unetr, segresnet, unet (the default: all of
+            these), and qtunet-tiny-cond0.25, qtunet-tiny-cond0.5, qtunet-base-cond0.25, qtunet-base-cond0.5
+            (conditional blocks with the light router at that capacity; ``--router light --capacity``).
         scenarios: comma-separated from infer96, infer128, train64, train96, train128, sliding128.
         repeats: timed repeats per model (after one warm-up), alternating between models; the
             whole-volume sliding window is timed once.

@@ -52,6 +52,9 @@ def info(
     detail_widths: str | tuple | int = (),
     skip: str = "concat",
     cct_preset: str | None = None,
+    router: str | None = None,
+    capacity: float | None = None,
+    router_sites: str | tuple | None = None,
     flops: bool = True,
 ) -> None:
     """Print parameters and fvcore GFLOPs as one JSON line (batch 1, training mode, attention matmuls included).
@@ -74,12 +77,19 @@ def info(
         detail_widths: the full-resolution detail path's widths, e.g. ``16,32`` (none by default).
         skip: concat (the thesis) or cct (UCTransNet's channel-wise skips).
         cct_preset: full or lite, with ``--skip cct``.
+        router: light or iterative: conditional light/heavy Swin blocks (dense by default).
+        capacity: with ``--router``, the routed fraction of each window's (and volume's) tokens (default 0.25).
+        router_sites: with ``--router``, the conditional parts, e.g. ``encoder,bottleneck`` (default all three).
         flops: also count FLOPs (needs fvcore).
     """
     widths = detail_widths.split(",") if isinstance(detail_widths, str) else (
         list(detail_widths) if isinstance(detail_widths, (list, tuple)) else [detail_widths])
     options = {"num_stages": num_stages, "patch_size": patch_size, "deep_supervision": deep_supervision,
                "detail_widths": [int(w) for w in widths if str(w).strip()], "skip": skip, "cct_preset": cct_preset}
+    sites = [v.strip() for v in router_sites.split(",")] if isinstance(router_sites, str) else router_sites
+    # only what was given: a named architecture keeps its own router otherwise (QT-UNet-Cond)
+    options.update({k: v for k, v in (("router", router), ("capacity", capacity), ("router_sites", sites))
+                    if v is not None})
     if architecture is not None:
         model = build_architecture(architecture, in_channels, out_channels, variant, **options)
         spatial_dims = model.spatial_dims
@@ -94,6 +104,9 @@ def info(
         "variant": variant,
         "feature_size": model.feature_size,
         **options,
+        # what the network resolved (a named architecture's router included)
+        "router": model.router_type,
+        "capacity": dict(model.routing.capacity) if model.routing is not None else None,
         "input": list(shape),
         "params_m": round(count_parameters(model) / 1e6, 3),
     }
@@ -126,7 +139,7 @@ def table(variants: str | list = "tiny,small,base", flops: bool = True, json_fil
         variants: comma-separated subset of tiny, small, base.
         flops: count FLOPs too (about a minute per variant on a laptop CPU).
         json_file: also write the rows to this JSON file.
-        options: then a second table: the options beyond the thesis (detail path, CCT) for the
+        options: then a second table: the options beyond the thesis (detail path, CCT, routers) for the
             chosen variants among tiny and base, each next to the plain network.
     """
     chosen = [v.strip() for v in variants.split(",")] if isinstance(variants, str) else list(variants)

@@ -9,6 +9,7 @@ fvcore is an optional dependency (``pip install qtunet_monai[flops]``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,12 +59,28 @@ OPTION_ROWS: tuple[tuple[str, str, int, int, int, dict], ...] = (
     ("CCT lite", "QT-UNet", 4, 3, 128, {"skip": "cct", "cct_preset": "lite"}),
     ("CCT full", "QT-UNet-2D", 3, 20, 1024, {"skip": "cct", "cct_preset": "full"}),
     ("CCT lite", "QT-UNet-2D", 3, 20, 1024, {"skip": "cct", "cct_preset": "lite"}),
+    # conditional light/heavy blocks: FLOPs of the routed share, the routers' top-k and gathers uncounted
+    ("light router, capacity 0.25", "QT-UNet", 4, 3, 128, {"router": "light", "capacity": 0.25}),
+    ("light router, capacity 0.5", "QT-UNet", 4, 3, 128, {"router": "light", "capacity": 0.5}),
+    ("light router, capacity 0.25", "QT-UNet-2D", 3, 20, 1024, {"router": "light", "capacity": 0.25}),
+    ("light router, capacity 0.5", "QT-UNet-2D", 3, 20, 1024, {"router": "light", "capacity": 0.5}),
 )
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _matmul_flops(inputs: list, outputs: list) -> int:
+    """fvcore's count of ``aten::matmul``, also where an operand is a vector (a router's scores ``x . u``),
+    which fvcore's own handle refuses: the output's elements times the contracted length."""
+    from fvcore.nn.jit_handles import get_shape, matmul_flop_jit
+
+    a, b = (get_shape(v) for v in inputs[:2])
+    if len(a) >= 2 and len(b) >= 2:
+        return matmul_flop_jit(inputs, outputs)
+    return math.prod(get_shape(outputs[0])) * a[-1]
 
 
 def count_flops(model: QTUNet, input_shape: Sequence[int], training: bool = True) -> int:
@@ -82,7 +99,7 @@ def count_flops(model: QTUNet, input_shape: Sequence[int], training: bool = True
         model.train(training)
         x = torch.zeros(*input_shape, device=next(model.parameters()).device)
         with use_attention_backend(model, "explicit"), torch.no_grad():
-            analysis = FlopCountAnalysis(model, x)
+            analysis = FlopCountAnalysis(model, x).set_op_handle("aten::matmul", _matmul_flops)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             logging.getLogger("fvcore").setLevel(logging.ERROR)
             return int(analysis.total())

@@ -131,6 +131,11 @@ def _options(task: Task) -> dict:
         # UCTransNet's channel-wise skips: --skip cct --cct_preset lite (or full)
         "skip": "concat",
         "cct_preset": None,
+        # conditional light/heavy Swin blocks (CoLT5): --router light (or iterative) --capacity 0.25; the
+        # capacity can change at inference (same weights); null: the network's defaults
+        "router": None,
+        "capacity": None,
+        "router_sites": None,
         "tta": False,
         "sw_mode": pipeline.SW_MODE,
         "keep_largest": False,
@@ -191,7 +196,8 @@ def _network_def(task: Task, train: bool) -> dict:
     # the auxiliary heads exist in inference too, so that a deep-supervised checkpoint loads (eval mode
     # returns the main output only)
     net.update({"num_stages": "@num_stages", "patch_size": "@patch_size", "deep_supervision": "@deep_supervision",
-                "detail_widths": "@detail_widths", "skip": "@skip", "cct_preset": "@cct_preset"})
+                "detail_widths": "@detail_widths", "skip": "@skip", "cct_preset": "@cct_preset",
+                "router": "@router", "capacity": "@capacity", "router_sites": "@router_sites"})
     if train:
         net["drop_path_rate"] = task.drop_path_rate
     net["use_checkpoint"] = False
@@ -815,6 +821,7 @@ Off by default (the thesis' recipe); each is one switch, given to every command 
 | `--num_stages 4`, `--patch_size 2` | a fourth encoder/decoder stage, a 2-voxel patch partition (QT-UNet family; the thesis' section 6.2.1) |
 | `--detail_widths "[12, 24]"` | the full-resolution detail path (QT-UNet family; `[16]`: full resolution only; `"[]"`: none) |
 | `--skip cct --cct_preset lite` | UCTransNet's channel-wise skips: a channel transformer over all encoder skips (`full`: 4 layers and heads; `lite`: 1) and a channel gate in each decoder step (QT-UNet family) |
+| `--router light --capacity 0.25` | conditional Swin blocks (CoLT5): a light attention/MLP over all tokens plus the dense one over the quarter of each window's tokens (of the volume's, for the MLP) a learned router picks (`iterative`: CoLT5's soft top-k router; `--router_sites "['encoder','bottleneck']"`: where). Train with it; `--capacity 0.5` at inference changes the routed share of the same weights (QT-UNet family) |
 | `--intensity_augmentation True`, `--spatial_augmentation True` | nnU-Net-style gamma, noise{" and bias field" if task.modality == "MR" else ""}; a random rotation (15 degrees) and scaling (15 %) of the crops |
 | `--optimizer_name AdamW --warmup_epochs 3` | another `torch.optim` optimiser; a linear learning-rate warm-up before the cosine |
 | `--sw_mode gaussian` | Gaussian instead of constant blending of the sliding windows |

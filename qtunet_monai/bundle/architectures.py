@@ -34,9 +34,12 @@ __all__ = ["BASELINES", "DivisiblePadNet", "build_network", "nnunet_kernels_stri
 BASELINES = ("SwinUNETR", "UNETR", "SegResNet", "DynUNet")
 
 # QT-UNet's own settings and their values in the thesis; the baselines have none of them.
-# (None: ignored by the baselines)
-_QTUNET_ONLY = {"drop_path_rate": None, "num_stages": 3, "patch_size": 4, "fused_attention": None, "detail_widths": [],
-                "skip": "concat", "cct_preset": None}
+# (_IGNORED: any value is ignored by the baselines; None is a real value, e.g. router=None: dense blocks)
+_IGNORED = object()
+_QTUNET_ONLY = {"drop_path_rate": _IGNORED, "num_stages": 3, "patch_size": 4, "attention_backend": _IGNORED,
+                "fused_attention": _IGNORED, "detail_widths": [], "skip": "concat", "cct_preset": _IGNORED,
+                "router": None, "capacity": None, "router_sites": None}
+_ROUTER_KEYS = ("router", "capacity", "router_sites")
 
 
 class DivisiblePadNet(nn.Module):
@@ -121,7 +124,8 @@ def build_network(
         use_checkpoint: activation checkpointing (QT-UNet, SwinUNETR).
         qtunet_kwargs: further :class:`qtunet_monai.QTUNet` arguments (``drop_path_rate``,
             ``num_stages``, ...); the baselines ignore ``drop_path_rate`` and refuse ``num_stages`` or
-            ``patch_size`` other than the thesis' 3 and 4.
+            ``patch_size`` other than the thesis' 3 and 4, a detail path, CCT skips and a ``router``
+            (or ``capacity``, ``router_sites``) by name.
     """
     by_lower = {b.lower(): b for b in BASELINES}
     if name.lower() not in by_lower:
@@ -129,6 +133,8 @@ def build_network(
             raise ValueError(f"unknown architecture {name!r}; choose one of {list(ARCHITECTURES) + list(BASELINES)}.")
         if deep_supervision:
             qtunet_kwargs["deep_supervision"] = True
+        # unset (None) router keys leave a named architecture's own in place (QT-UNet-Cond's light router)
+        qtunet_kwargs = {k: v for k, v in qtunet_kwargs.items() if not (k in _ROUTER_KEYS and v is None)}
         return build_architecture(name, in_channels, out_channels, variant=variant, use_checkpoint=use_checkpoint,
                                   **qtunet_kwargs)
 
@@ -137,7 +143,7 @@ def build_network(
     if unknown:
         raise TypeError(f"unexpected argument(s) {unknown} for the {name} baseline.")
     changed = [k for k, v in qtunet_kwargs.items()
-               if _QTUNET_ONLY[k] is not None and (list(v) if isinstance(v, (list, tuple)) else v) != _QTUNET_ONLY[k]]
+               if _QTUNET_ONLY[k] is not _IGNORED and (list(v) if isinstance(v, (list, tuple)) else v) != _QTUNET_ONLY[k]]
     if changed:
         raise ValueError(f"{name} has no QT-UNet {changed}; leave them at the thesis' values "
                          f"{ {k: _QTUNET_ONLY[k] for k in changed} } for a baseline.")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -643,4 +643,9 @@ def set_capacity(module: nn.Module, capacity) -> int:
     routings = [m for m in module.modules() if isinstance(m, BlockRouting)]
     for routing in routings:
         routing.capacity = _resolve_capacity(capacity, routing.capacity)
+    # the networks' summary (QTUNet.routing) follows, so what is reported and saved is what runs
+    for m in module.modules():
+        config = getattr(m, "routing", None)
+        if isinstance(config, RoutingConfig):
+            m.routing = replace(config, capacity=_resolve_capacity(capacity, config.capacity))
     return len(routings)
