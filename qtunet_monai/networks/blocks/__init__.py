@@ -10,20 +10,19 @@ from .channel_transformer import (
     ChannelTransformerLayer,
 )
 from .conditional import BlockRouting, IterativeRouter, LightRouter, coordinate_descent_top_k
-from .detail import DetailPath
-from .head import SegmentationHead
-from .patching import PatchEmbedding, PatchExpanding, PatchMerging
-from .transformer import (
+from .decoder import (
     DECODERS,
     DecoderStage,
     DecoderSubBlock,
-    EncoderStage,
     QTDecoderSubBlock,
     SwinDecoderSubBlock,
-    SwinSubBlock,
     VTDecoderSubBlock,
-    sinusoidal_position_encoding,
 )
+from .detail import DetailPath
+from .encoder import EncoderStage, SwinSubBlock
+from .head import SegmentationHead
+from .patching import PatchEmbedding, PatchExpanding, PatchMerging
+from .swin import sinusoidal_position_encoding
 from .windows import WindowGeometry, relative_position_index, window_geometry
 
 __all__ = [

@@ -27,7 +27,7 @@ from torch import nn
 
 from .init import init_weights
 from .patching import _pad_to_multiple, space_to_channels
-from .transformer import maybe_checkpoint, sinusoidal_position_encoding
+from .swin import maybe_checkpoint, sinusoidal_position_encoding
 
 __all__ = [
     "CCT_GRIDS",

@@ -604,7 +604,7 @@ def _light_attention(heavy: WindowAttention, ratio: float, cross: bool) -> Windo
 
 
 def attach_routing(block: nn.Module, parts: Sequence[str], config: RoutingConfig) -> None:
-    """Make a sub-block (encoder, bottleneck or decoder; see ``transformer._WindowBlock``) conditional:
+    """Make a sub-block (encoder, bottleneck or decoder; see ``swin.WindowBlock``) conditional:
     add its light branches (``light_attn``, ``light_mlp``, ``light_cross``, output projections zero) and
     its :class:`BlockRouting` (``router``). Its ``attn``, ``mlp`` and ``cross_attn`` become the heavy
     branches, unchanged."""

@@ -11,7 +11,7 @@ from monai.networks.blocks import UnetOutBlock, UnetResBlock, UnetrUpBlock
 from torch import nn
 
 from .patching import _pad_to_multiple
-from .transformer import maybe_checkpoint
+from .swin import maybe_checkpoint
 
 __all__ = ["DetailPath"]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .patching import PatchExpanding
-from .transformer import maybe_checkpoint
+from .swin import maybe_checkpoint
 
 __all__ = ["SegmentationHead"]
 

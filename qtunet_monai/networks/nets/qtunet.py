@@ -14,11 +14,12 @@ from ..blocks.attention_backends import AttentionBackend, resolve_attention_back
 from ..blocks.channel_transformer import ChannelGate, ChannelTransformer, common_grid_factors, resolve_cct_options
 from ..blocks.conditional import attach_routers, resolve_routing
 from ..blocks.conditional import set_capacity as _set_capacity
+from ..blocks.decoder import DECODERS, DecoderStage
 from ..blocks.detail import DetailPath
+from ..blocks.encoder import EncoderStage
 from ..blocks.head import SegmentationHead
 from ..blocks.init import init_weights
 from ..blocks.patching import PatchEmbedding, PatchExpanding, PatchMerging
-from ..blocks.transformer import DECODERS, DecoderStage, EncoderStage
 
 __all__ = ["ARCHITECTURES", "VARIANTS", "EncoderFeatures", "QTUNet", "QTUNetEncoder", "build_architecture"]
 
@@ -432,16 +433,21 @@ class QTUNet(_Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
-        decoded = self.forward_decoder(self.forward_features(x))
-        if self.detail_widths:
-            logits = self.detail_path(x, decoded[-1])
-        else:
-            logits = self.head(decoded[-1], x.shape[2:])
+        features = self.forward_features(x)  # encoder stages, then the bottleneck
+        decoded = self.forward_decoder(features)
+        logits = self.forward_head(x, decoded[-1])
         if not self._returns_deep_supervision():
             return logits
         # finest first, as DeepSupervisionLoss weights them 1, 1/2, 1/4, ...
         supervised = reversed(decoded if self.detail_widths else decoded[:-1])
         return [logits] + [head(tokens) for head, tokens in zip(self.aux_heads, supervised)]
+
+    def forward_head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits on the input grid from the last decoder stage's ``tokens``: through the detail path (which
+        reads the input ``x``) when there is one, otherwise the head's expansion to ``x``'s spatial size."""
+        if self.detail_widths:
+            return self.detail_path(x, tokens)
+        return self.head(tokens, x.shape[2:])
 
     def _returns_deep_supervision(self) -> bool:
         exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
