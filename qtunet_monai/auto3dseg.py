@@ -366,8 +366,8 @@ def _load_pretrained(parser, network) -> dict | None:
 
 
 def _maybe_compiled(parser, network: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(network, dynamic=False)`` when the ``compile`` hyper-parameter is set (one static
-    graph per input size, as the bundles); the plain ``network`` stays what checkpoints save and load."""
+    """``torch.compile(network, dynamic=False)`` for the predictor (not an engine) when the ``compile``
+    hyper-parameter is set; the plain ``network`` stays what checkpoints save and load."""
     return torch.compile(network, dynamic=False) if parser.get("compile", False) else network
 
 
@@ -402,9 +402,10 @@ def _engines(parser, train_files, val_files):
     values = _values(parser)
     post = pipeline.instantiate([pipeline.activation(sigmoid), *pipeline.discretise(sigmoid)], **values)
     amp = bool(parser.get_parsed_content("amp")) and device.type == "cuda"
-    engine_network = _maybe_compiled(parser, network)
+    # MONAI's engines compile the network themselves; checkpoints keep the plain one
+    compiled = {"compile": bool(parser.get("compile", False)), "compile_kwargs": {"dynamic": False}}
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=val_loader, network=engine_network, amp=amp,
+        device=device, val_data_loader=val_loader, network=network, amp=amp, **compiled,
         inferer=pipeline.instantiate(pipeline.sliding_window("@num_sw_batch_size"), **values),
         postprocessing=Compose(post),
         key_val_metric=pipeline.instantiate(pipeline.metrics(sigmoid), **values),
@@ -412,8 +413,8 @@ def _engines(parser, train_files, val_files):
     )
     loss = pipeline.instantiate(pipeline.loss(sigmoid), **values)
     trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, train_data_loader=train_loader, network=engine_network, optimizer=optimizer,
-        loss_function=loss, inferer=SimpleInferer(), amp=amp,
+        device=device, max_epochs=epochs, train_data_loader=train_loader, network=network, optimizer=optimizer,
+        loss_function=loss, inferer=SimpleInferer(), amp=amp, **compiled,
         train_handlers=[
             ValidationHandler(validator=evaluator, interval=parser.get_parsed_content("num_epochs_per_validation"),
                               epoch_level=True),

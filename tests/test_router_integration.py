@@ -91,6 +91,17 @@ def test_a_named_conditional_architecture_keeps_its_router_in_the_bundle():
     assert net.routing.capacity == {"q": 0.5, "kv": 0.5, "ff": 0.5}
 
 
+def test_a_named_cct_architecture_keeps_its_skips_in_the_bundle():
+    net = _parsed(DEMO / "configs" / "inference.json", preset="thesis",
+                  architecture="QT-UNet-CCT").get_parsed_content("network_def")
+    assert net.skip_type == "cct"
+    plain = _parsed(DEMO / "configs" / "inference.json", preset="thesis").get_parsed_content("network_def")
+    assert plain.skip_type == "concat"
+    with pytest.raises(ValueError, match=r"SegResNet has no QT-UNet \['skip'\]"):
+        build_network("SegResNet", 1, 4, [56, 56, 56], skip="cct")
+    assert build_network("SegResNet", 1, 4, [56, 56, 56], skip=None) is not None
+
+
 @pytest.mark.parametrize("option", [{"router": "light"}, {"capacity": 0.25}, {"router_sites": ["encoder"]}])
 def test_baselines_refuse_router_options_by_name(option):
     (key,) = option

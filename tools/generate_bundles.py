@@ -128,8 +128,9 @@ def _options(task: Task) -> dict:
         # --preset: the network options and recipe of qtunet_monai.bundle.PRESETS; an explicit override of a key wins
         "preset": task.preset,
         **{key: f"$qtunet_bundle.preset(@preset)[{key!r}]" for key in PRESET_NETWORK_KEYS},
-        # UCTransNet's channel-wise skips: --skip cct --cct_preset lite (or full)
-        "skip": "concat",
+        # UCTransNet's channel-wise skips: --skip cct --cct_preset lite (or full); null: the architecture's
+        # own (concat; cct for the -CCT architectures)
+        "skip": None,
         "cct_preset": None,
         # conditional light/heavy Swin blocks (CoLT5): --router light (or iterative) --capacity 0.25; the
         # capacity can change at inference (same weights); null: the network's defaults
@@ -205,10 +206,15 @@ def _network_def(task: Task, train: bool) -> dict:
 
 
 def _compiled_network() -> dict:
-    """``--compile True``: the engines run ``torch.compile(network, dynamic=False)`` (one static graph per
-    input size; see qtunet_monai/networks/blocks/windows.py); checkpoints, optimiser and initialisation keep
-    using the plain ``network``, so saved keys stay unprefixed."""
-    return {"compile": False, "engine_network": "$torch.compile(@network, dynamic=False) if @compile else @network"}
+    """``--compile True``: MONAI's engines compile the network themselves (``compile=``, one static graph per
+    input size, :data:`_ENGINE_COMPILE`; see qtunet_monai/networks/blocks/windows.py); checkpoints, optimiser
+    and initialisation keep the plain ``network``, so saved keys stay unprefixed."""
+    return {"compile": False}
+
+
+#: what every engine gets: MONAI converts MetaTensors around the compiled forward and back, so TTA and
+#: ``Invertd`` see the inputs' metadata as without compilation
+_ENGINE_COMPILE = {"compile": "@compile", "compile_kwargs": {"dynamic": False}}
 
 
 # ------------------------------------------------------------------------------------- stored settings
@@ -312,7 +318,7 @@ def train_config(task: Task) -> dict:
             {"_target_": "ignite.handlers.ProgressBar", "persist": False},
         ],
         "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                    "train_data_loader": "@train#dataloader", "network": "@engine_network",
+                    "train_data_loader": "@train#dataloader", "network": "@network", **_ENGINE_COMPILE,
                     "loss_function": "@training_loss",
                     "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
                     "amp": "@amp"},
@@ -337,7 +343,7 @@ def train_config(task: Task) -> dict:
         "key_metric": dict(list(_metrics(task).items())[:1]),
         "additional_metrics": dict(list(_metrics(task).items())[1:]),
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@engine_network", "inferer": _tta(task, "@validate#inferer"),
+                      "network": "@network", **_ENGINE_COMPILE, "inferer": _tta(task, "@validate#inferer"),
                       "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
                       "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
                       "amp": "@amp"},
@@ -435,7 +441,7 @@ def inference_config(task: Task) -> dict:
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@engine_network", "inferer": _tta(task, "@inferer"),
+                      "network": "@network", **_ENGINE_COMPILE, "inferer": _tta(task, "@inferer"),
                       "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
         "initialize": [CHECK_MODEL_SETTINGS, "$monai.utils.set_determinism(seed=123)",

@@ -40,6 +40,8 @@ _QTUNET_ONLY = {"drop_path_rate": _IGNORED, "num_stages": 3, "patch_size": 4, "a
                 "fused_attention": _IGNORED, "detail_widths": [], "skip": "concat", "cct_preset": _IGNORED,
                 "router": None, "capacity": None, "router_sites": None}
 _ROUTER_KEYS = ("router", "capacity", "router_sites")
+#: keys whose unset value (None) leaves a named architecture's own (QT-UNet-Cond's router, QT-UNet-CCT's skip)
+_UNSET_KEEPS_OWN = (*_ROUTER_KEYS, "skip")
 
 
 class DivisiblePadNet(nn.Module):
@@ -128,13 +130,12 @@ def build_network(
             (or ``capacity``, ``router_sites``) by name.
     """
     by_lower = {b.lower(): b for b in BASELINES}
+    qtunet_kwargs = {k: v for k, v in qtunet_kwargs.items() if not (k in _UNSET_KEEPS_OWN and v is None)}
     if name.lower() not in by_lower:
         if name.lower() not in {a.lower() for a in ARCHITECTURES}:
             raise ValueError(f"unknown architecture {name!r}; choose one of {list(ARCHITECTURES) + list(BASELINES)}.")
         if deep_supervision:
             qtunet_kwargs["deep_supervision"] = True
-        # unset (None) router keys leave a named architecture's own in place (QT-UNet-Cond's light router)
-        qtunet_kwargs = {k: v for k, v in qtunet_kwargs.items() if not (k in _ROUTER_KEYS and v is None)}
         return build_architecture(name, in_channels, out_channels, variant=variant, use_checkpoint=use_checkpoint,
                                   **qtunet_kwargs)
 
