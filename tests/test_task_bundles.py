@@ -59,7 +59,7 @@ def test_generator_check_fails_on_drift(tmp_path):
     generate_bundles.write_bundles(root)
     assert generate_bundles.main(["--check", "--root", str(root)]) == 0
     train = root / name / "configs" / "train.json"
-    train.write_text(train.read_text().replace('"val_interval": 5', '"val_interval": 6'))
+    train.write_text(train.read_text() + "\n")  # any hand edit is drift
     result = subprocess.run([sys.executable, str(GENERATOR), "--check", "--root", str(root)], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 1 and str(train) in result.stdout and result.stdout.count(".json") == 1
