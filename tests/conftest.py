@@ -63,3 +63,31 @@ def task_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[st
         return bundle
 
     return make
+
+
+def _compiles_to_one_graph_equal_to_eager(net: torch.nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(dynamic=False)`` captured with ``aot_eager``: forward and backward equal eager, one graph,
+    no graph break."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net, backend="aot_eager", dynamic=False)
+    expected = net(x)
+    expected_grads = torch.autograd.grad(expected.square().mean(), list(net.parameters()), allow_unused=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().mean(), list(net.parameters()), allow_unused=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        if expected_grad is not None:
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+    breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert not breaks, breaks
+    assert graphs == 1
+
+
+@pytest.fixture
+def compiles_to_one_graph() -> Callable[[torch.nn.Module, torch.Tensor], None]:
+    """Asserts that a network compiles to one graph whose forward and backward equal eager."""
+    return _compiles_to_one_graph_equal_to_eager

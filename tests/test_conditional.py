@@ -545,30 +545,13 @@ def test_routed_counts_are_static_per_input_size(tiny_qtunet):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("router", ["light", "iterative"])
-def test_compiles_without_graph_breaks_and_equals_eager(router):
+def test_compiles_without_graph_breaks_and_equals_eager(router, compiles_to_one_graph):
     """``torch.compile(dynamic=False)`` as the bundles run it (captured with ``aot_eager``, as
     tests/test_compile.py does): forward and backward equal eager on a padded, shifted size, one graph."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),
                  router=router, capacity=0.5, router_options={"ff_group": "window"})
-    compiled = torch.compile(net, backend="aot_eager", dynamic=False)
-    x = torch.randn(2, 1, 20, 24)
-    expected = net(x)
-    expected_grads = torch.autograd.grad(expected.square().mean(), list(net.parameters()), allow_unused=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out.square().mean(), list(net.parameters()), allow_unused=True)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    for grad, expected_grad in zip(grads, expected_grads):
-        if expected_grad is not None:
-            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
-    breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
-    torch._dynamo.reset()
-    assert not breaks, breaks
-    assert graphs == 1
+    compiles_to_one_graph(net, torch.randn(2, 1, 20, 24))
 
 
 @pytest.mark.parametrize("router", ["light", "iterative"])
