@@ -86,7 +86,6 @@ ARMS: dict[str, tuple[dict, str | None, str]] = {
     "router_light": ({**CHOSEN, "router": "light", "capacity": 0.25}, None,
                      "detail path 12-24 + conditional blocks, light router, capacity 0.25"),
     "accurate": ({"preset": "accurate"}, None, "`--preset accurate` (the bundle's default)"),
-    "quickstart": ({"preset": "accurate", "max_epochs": 10}, None, "`--max_epochs 10`: the README's quick start"),
 }
 
 
