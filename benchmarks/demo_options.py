@@ -114,7 +114,7 @@ def _bundle(args: list[str], cwd: Path, log: Path) -> float:
 _COMPLEXITY = """
 import json, sys
 from monai.bundle import ConfigParser
-from qtunet_monai.complexity import count_flops
+from qtunet_monai.profiling.complexity import count_flops
 parser = ConfigParser()
 parser.read_config("configs/train.json")
 parser.update(json.loads(sys.argv[1]))

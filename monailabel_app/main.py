@@ -22,8 +22,8 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import qtunet_monai
-from qtunet_monai import label_checks as checks
-from qtunet_monai.label import (
+from qtunet_monai.integrations import monailabel_checks as checks
+from qtunet_monai.integrations.monailabel import (
     CheckedDatastore,
     QTUNetInferTask,
     QTUNetTrainTask,

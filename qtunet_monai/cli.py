@@ -31,9 +31,16 @@ from typing import NamedTuple
 
 import fire
 
-from .benchmark import bench
-from .complexity import THESIS_TARGETS, VARIANT_ORDER, complexity_table, count_flops, count_parameters, option_table
 from .networks import QTUNet, build_architecture
+from .profiling.benchmark import bench
+from .profiling.complexity import (
+    THESIS_TARGETS,
+    VARIANT_ORDER,
+    complexity_table,
+    count_flops,
+    count_parameters,
+    option_table,
+)
 from .reconstruction.commands import prepare_recon_data, prepare_recon_demo, recon_report
 
 
@@ -367,7 +374,7 @@ def explain(
 
 def plan(dataset: str, output: str, modality: str | None = None, gpu_memory_gb: float | None = None,
          max_epochs: int | None = None, overwrite: bool = False, **options) -> None:
-    """Configure a bundle for your own data set (nnU-Net's planning step; see qtunet_monai.plan).
+    """Configure a bundle for your own data set (nnU-Net's planning step; see qtunet_monai.bundle.plan).
 
     Reads an MSD or nnU-Net v2 ``dataset.json``, checks every case (each label against its image), takes the
     fingerprint with MONAI's Auto3DSeg DataAnalyzer and writes a bundle whose spacing, intensity normalisation,
@@ -383,7 +390,7 @@ def plan(dataset: str, output: str, modality: str | None = None, gpu_memory_gb: 
         options: ``--from <bundle>``: take the training recipe (crops, augmentation, learning rate, epochs,
             preset) of an existing bundle, e.g. ``qtunet_msd_spleen_segmentation``.
     """
-    from .plan import plan as run
+    from .bundle.plan import plan as run
 
     recipe_from = options.pop("from", None)
     if options:
@@ -401,7 +408,7 @@ def plan(dataset: str, output: str, modality: str | None = None, gpu_memory_gb: 
 def auto3dseg_predict(work_dir: str, input_dir: str, output_dir: str, num_fold: int | None = None,
                       ensemble: str = "AlgoEnsembleBestByFold", n_best: int = 2, check_data: bool = True) -> None:
     """Predict a folder of new cases with an Auto3DSeg-trained ensemble, on the CPU, one GPU or several
-    (MONAI's EnsembleRunner, called as a finished AutoRunner work folder needs; see qtunet_monai.auto3dseg_predict).
+    (MONAI's EnsembleRunner, called as a finished AutoRunner work folder needs; see qtunet_monai.integrations.auto3dseg_predict).
 
     Args:
         work_dir: the AutoRunner work folder.
@@ -412,7 +419,7 @@ def auto3dseg_predict(work_dir: str, input_dir: str, output_dir: str, num_fold: 
         n_best: models for AlgoEnsembleBestN.
         check_data: read the voxels in the checks (NaN, infinite, extreme values); headers only if False.
     """
-    from .auto3dseg_predict import predict_ensemble
+    from .integrations.auto3dseg_predict import predict_ensemble
 
     written = predict_ensemble(work_dir, input_dir, output_dir, num_fold, ensemble, n_best, check_data)
     print(f"{len(written)} prediction(s) written to {output_dir}")

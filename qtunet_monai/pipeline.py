@@ -6,7 +6,7 @@ inferer (docs/architecture.md, sections 2 and 3).
 Both consumers take their pieces from here, so they cannot drift apart:
 
 - the bundle generator (``tools/generate_bundles.py``) writes these dicts into the bundles' JSON;
-- the Auto3DSeg template (:mod:`qtunet_monai.auto3dseg`) instantiates the same dicts with
+- the Auto3DSeg template (:mod:`qtunet_monai.integrations.auto3dseg`) instantiates the same dicts with
   MONAI's :class:`~monai.bundle.ConfigParser` (:func:`instantiate`).
 
 The dicts refer to the config's own keys where a bundle lets the user override a value

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from qtunet_monai.auto3dseg import TemplateError, fill_hyper_parameters
 from qtunet_monai.bundle import DataError
 from qtunet_monai.data.msd import blob_label
-from qtunet_monai.memory import ACTIVATION_GB, MAX_BATCH, RESERVE_GB, choose_batch_and_roi, parameter_state_gb
+from qtunet_monai.integrations.auto3dseg import TemplateError, fill_hyper_parameters
+from qtunet_monai.profiling.memory import ACTIVATION_GB, MAX_BATCH, RESERVE_GB, choose_batch_and_roi, parameter_state_gb
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "algorithm_templates"
@@ -58,7 +58,9 @@ def _source(root: Path, datalist: Path, modality: str = "mri", **extra) -> Path:
 def test_autorunner_end_to_end_offline_on_cpu(tmp_path, monkeypatch):
     from monai.apps.auto3dseg import AutoRunner
 
-    datalist = _dataset(tmp_path / "data")
+    # 40^3 volumes: the CPU crop becomes 28^3 (no larger than the image) instead of 56^3, and validation and the
+    # ensemble slide over a quarter of 64^3's voxels
+    datalist = _dataset(tmp_path / "data", shape=(40, 40, 40))
     # Auto3DSeg launches training as the bare word `python`: make it this interpreter's
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     work = tmp_path / "work"
@@ -86,7 +88,7 @@ def test_autorunner_end_to_end_offline_on_cpu(tmp_path, monkeypatch):
     assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= {0, 1, 2}
 
     # new cases afterwards, on the CPU: a folder in, the same ensemble's predictions in the output folder
-    from qtunet_monai.auto3dseg_predict import predict_ensemble
+    from qtunet_monai.integrations.auto3dseg_predict import predict_ensemble
 
     new = tmp_path / "new"
     new.mkdir()
@@ -135,7 +137,7 @@ def test_fill_by_key_ct_regions_and_gpu_memory(tmp_path):
 def test_batch_and_crop_scale_with_gpu_memory():
     """160 x 160 x 128 volumes (the issue's H100 run): the batch grows with the card, the crop is the
     thesis' 128^3 where a batch of 2 fits, and the chosen batch fits the memory model."""
-    from qtunet_monai.auto3dseg import _size_for_memory
+    from qtunet_monai.integrations.auto3dseg import _size_for_memory
 
     shape = (160, 160, 128)
     chosen = {gb: _size_for_memory(gb, shape) for gb in (0, 6, 16, 24, 80)}
@@ -160,7 +162,7 @@ def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, caplog)
     import torch
 
     from qtunet_monai import QTUNet
-    from qtunet_monai.auto3dseg import _load_pretrained, _param_groups, load_config
+    from qtunet_monai.integrations.auto3dseg import _load_pretrained, _param_groups, load_config
     from qtunet_monai.ssl import QTUNetSSL
 
     algo = _template_copy(tmp_path)
@@ -262,7 +264,7 @@ BAD_DATA = [
 
 @pytest.mark.parametrize("damage, message", BAD_DATA, ids=[d for d, _ in BAD_DATA])
 def test_bad_data_is_refused_before_the_analysis_naming_the_files(tmp_path, damage, message):
-    from qtunet_monai.auto3dseg import check_data_source
+    from qtunet_monai.integrations.auto3dseg import check_data_source
 
     data = tmp_path / "data"
     datalist = _msd_style(data)
@@ -277,7 +279,7 @@ def test_bad_data_is_refused_before_the_analysis_naming_the_files(tmp_path, dama
 def test_undeclared_channels_and_classes_come_from_the_data(tmp_path):
     """Without ``modality`` / ``labels`` in the data list the usual channel count is expected and label values
     are left to the analysis; ``class_names`` regions of the data source config declare the classes."""
-    from qtunet_monai.auto3dseg import check_data_source
+    from qtunet_monai.integrations.auto3dseg import check_data_source
 
     data = tmp_path / "data"
     datalist = _dataset(data, shape=(24, 24, 16), n=4)
@@ -293,7 +295,7 @@ def test_undeclared_channels_and_classes_come_from_the_data(tmp_path):
 
 
 def test_the_checked_autorunner_stops_before_monai_analyses_the_data(tmp_path):
-    from qtunet_monai.auto3dseg import CheckedAutoRunner
+    from qtunet_monai.integrations.auto3dseg import CheckedAutoRunner
 
     data = tmp_path / "data"
     datalist = _msd_style(data)
@@ -342,8 +344,8 @@ def test_template_training_under_torchrun_with_gloo(tmp_path):
 
 def test_template_presets_and_network_options_reach_the_network(tmp_path):
     """The bundles' --preset, --detail_widths and --skip are hyper-parameters of the template too."""
-    from qtunet_monai.auto3dseg import load_config
     from qtunet_monai.bundle import PRESETS
+    from qtunet_monai.integrations.auto3dseg import load_config
 
     algo = _template_copy(tmp_path)
     configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]

@@ -70,7 +70,11 @@ def test_bundle_compile_switch_goes_to_the_engines_and_leaves_the_network_plain(
 @pytest.mark.slow
 def test_compiled_inference_keeps_tta_and_invertd(tmp_path):
     """``--compile True`` through MONAI's evaluator: flip TTA and ``Invertd`` still give the eager
-    predictions, in the input's geometry."""
+    predictions, in the input's geometry. The bundle's default network at a 32^3 ROI: the resampled case
+    (about 24 x 23 x 21 at 2 mm) is one padded window instead of one 56^3 window, for each of the 8 flips.
+    The evaluator compiles with ``aot_eager``, as the test above: inductor's C++ code generation depends on its
+    on-disk cache (this test took 78 s in a whole-suite run, 39 s in a rerun); ``benchmarks/compile_check.py``
+    runs inductor."""
     import nibabel as nib
     import numpy as np
 
@@ -90,8 +94,10 @@ def test_compiled_inference_keeps_tta_and_invertd(tmp_path):
         out = tmp_path / f"out_{flag}"
         done = subprocess.run(
             [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-             "--datalist", f"$[{{'image': '{image}'}}]", "--output_dir", str(out), "--tta", "True",
-             "--compile", str(flag), "--device", "$torch.device('cpu')"],
+             "--datalist", f"$[{{'image': '{image}'}}]", "--output_dir", str(out), "--tta", "True", "--roi_size",
+             "[32, 32, 32]",
+             "--compile", str(flag), "--evaluator#compile_kwargs", "{'dynamic': False, 'backend': 'aot_eager'}",
+             "--device", "$torch.device('cpu')"],
             cwd=bundle, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
         (written,) = out.rglob("*.nii.gz")
@@ -104,7 +110,7 @@ def test_compiled_inference_keeps_tta_and_invertd(tmp_path):
 
 @pytest.mark.parametrize("compile_flag", [False, True])
 def test_auto3dseg_compile_hyper_parameter(compile_flag):
-    from qtunet_monai.auto3dseg import _maybe_compiled, load_config
+    from qtunet_monai.integrations.auto3dseg import _maybe_compiled, load_config
 
     configs = REPO / "algorithm_templates" / "qtunet" / "configs"
     files = [str(configs / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from qtunet_monai import QTUNet, build_architecture
-from qtunet_monai.complexity import (
+from qtunet_monai.profiling.complexity import (
     THESIS_TARGETS,
     VARIANT_ORDER,
     complexity_table,
@@ -108,7 +108,7 @@ def test_cli_table_writes_json(tmp_path):
 @pytest.mark.slow
 def test_cli_info_and_the_option_table_count_the_detail_path_and_cct():
     pytest.importorskip("fvcore")
-    from qtunet_monai.complexity import option_table
+    from qtunet_monai.profiling.complexity import option_table
 
     cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--detail_widths",
            "8,16", "--skip", "cct", "--cct_preset", "lite"]

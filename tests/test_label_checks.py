@@ -25,9 +25,9 @@ from monai.handlers import MeanDice, ValidationHandler, from_engine
 from monai.losses import DiceLoss
 from monai.transforms import Activationsd, AsDiscreted, Compose
 
-from qtunet_monai import label_checks as checks
 from qtunet_monai.bundle import BestModelSaver, DataError
 from qtunet_monai.bundle.presets import network_options
+from qtunet_monai.integrations import monailabel_checks as checks
 
 REPO = Path(__file__).resolve().parents[1]
 PATTERNS = ["*.nii.gz", "*.nii", "*.png"]

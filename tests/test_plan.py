@@ -18,10 +18,10 @@ import torch
 
 from qtunet_monai.bundle import DataError, folder_datalist
 from qtunet_monai.bundle.errors import reported_cause
+from qtunet_monai.bundle.plan import plan, read_dataset
 from qtunet_monai.cli import main
 from qtunet_monai.data.msd import blob_label, write_fake_msd
-from qtunet_monai.memory import ROI_STEP
-from qtunet_monai.plan import plan, read_dataset
+from qtunet_monai.profiling.memory import ROI_STEP
 
 REPO = Path(__file__).resolve().parents[1]
 

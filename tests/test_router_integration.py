@@ -19,9 +19,9 @@ from monai.bundle import ConfigParser
 from qtunet_monai import QTUNet
 from qtunet_monai.bundle import build_network
 from qtunet_monai.bundle.errors import find_cause
-from qtunet_monai.complexity import OPTION_ROWS, count_flops, count_parameters, option_table
 from qtunet_monai.networks.blocks.conditional import BlockRouting
 from qtunet_monai.networks.blocks.conditional import set_capacity as set_capacity_of
+from qtunet_monai.profiling.complexity import OPTION_ROWS, count_flops, count_parameters, option_table
 from qtunet_monai.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_baselines_refuse_router_options_by_name(option):
 def test_the_auto3dseg_template_takes_the_router_switches(tmp_path):
     from test_auto3dseg import _template_copy
 
-    from qtunet_monai.auto3dseg import load_config
+    from qtunet_monai.integrations.auto3dseg import load_config
 
     algo = _template_copy(tmp_path)
     configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
@@ -178,7 +178,7 @@ def test_info_and_the_option_table_count_the_conditional_network():
 
 
 def test_bench_names_dense_and_conditional_models(monkeypatch):
-    from qtunet_monai import benchmark
+    from qtunet_monai.profiling import benchmark
 
     assert {"qtunet-tiny-cond0.25", "qtunet-tiny-cond0.5", "qtunet-base-cond0.25", "qtunet-base-cond0.5"} <= set(
         benchmark.MODELS)

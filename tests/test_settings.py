@@ -189,7 +189,7 @@ def test_gpu_customization_is_refused_with_a_message(tmp_path):
     """MONAI's dummy-training search would silently not run for the qtunet template: it is refused by name."""
     import importlib.util
 
-    from qtunet_monai.auto3dseg import CheckedAutoRunner, TemplateError
+    from qtunet_monai.integrations.auto3dseg import CheckedAutoRunner, TemplateError
 
     spec = importlib.util.spec_from_file_location("qtunet_algo", TEMPLATES / "qtunet" / "scripts" / "algo.py")
     module = importlib.util.module_from_spec(spec)

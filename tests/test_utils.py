@@ -7,7 +7,7 @@ import torch
 
 from qtunet_monai import QTUNet
 from qtunet_monai.bundle import load_pretrained
-from qtunet_monai.utils import unwrap_module, unwrap_state_dict
+from qtunet_monai.networks.utils import unwrap_module, unwrap_state_dict
 
 
 def test_unwrap_module_sees_through_data_parallel_and_compile():

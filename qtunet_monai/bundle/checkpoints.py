@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from ..utils import unwrap_module as _unwrap
-from ..utils import unwrap_state_dict
+from ..networks.utils import unwrap_module as _unwrap
+from ..networks.utils import unwrap_state_dict
 from .errors import CheckpointError, NonFiniteError, OutputError
 from .files import check_writable, clean_stale_temporaries, replace_atomically, temporary_path
 

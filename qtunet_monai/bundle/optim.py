@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..utils import unwrap_module as _unwrap
+from ..networks.utils import unwrap_module as _unwrap
 
 __all__ = ["NO_DECAY_KEYWORD", "no_weight_decay_names", "param_groups"]
 

@@ -26,8 +26,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..utils import unwrap_module, unwrap_state_dict
 from .nets.qtunet import QTUNet
+from .utils import unwrap_module, unwrap_state_dict
 
 __all__ = ["swin_to_qtunet", "load_imagenet_swin"]
 

@@ -17,7 +17,7 @@ from ignite.metrics import Average
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from ..bundle.checkpoints import atomic_save
-from ..utils import unwrap_module as _unwrap
+from ..networks.utils import unwrap_module as _unwrap
 from .model import QTUNetSSL, byol_momentum, collapse_signal, ssl_loss
 
 __all__ = ["SSLTrainer", "SSLEvaluator", "CollapseMonitor", "EncoderSaver", "split_validation", "loss_jump",

@@ -10,7 +10,7 @@ class QtunetAlgo(BundleAlgo):
     """Auto3DSeg registers this class for the template folder ``qtunet`` (``<Name>Algo``)."""
 
     def fill_template_config(self, data_stats_filename: str, output_path: str, **kwargs) -> dict:
-        from qtunet_monai.auto3dseg import fill_hyper_parameters, refuse_gpu_customization
+        from qtunet_monai.integrations.auto3dseg import fill_hyper_parameters, refuse_gpu_customization
 
         refuse_gpu_customization(bool(kwargs.get("gpu_customization", False)))  # MONAI's hook: refused, not ignored
         return fill_hyper_parameters(data_stats_filename, self.data_list_file, output_path,

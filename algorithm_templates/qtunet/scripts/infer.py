@@ -3,4 +3,4 @@
 
 from __future__ import annotations
 
-from qtunet_monai.auto3dseg import InferClass  # noqa: F401 (Auto3DSeg imports it from this file)
+from qtunet_monai.integrations.auto3dseg import InferClass  # noqa: F401 (Auto3DSeg imports it from this file)

@@ -7,7 +7,7 @@ import logging
 
 import fire
 
-from qtunet_monai.auto3dseg import train
+from qtunet_monai.integrations.auto3dseg import train
 
 
 def run(config_file, **override) -> float:

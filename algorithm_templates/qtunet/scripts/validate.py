@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fire
 
-from qtunet_monai.auto3dseg import validate
+from qtunet_monai.integrations.auto3dseg import validate
 
 
 def run(config_file, **override) -> float:

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle.errors import DataError, SettingError
-from .memory import ROI_STEP  # a crop axis is a multiple of this: the 4-voxel patch times the 7-token window
+from ..profiling.memory import ROI_STEP  # a crop axis is a multiple of this: the 4-voxel patch times the 7-token window
+from .errors import DataError, SettingError
 
 __all__ = ["DatasetSpec", "read_dataset", "check_dataset", "fingerprint", "choose_settings", "plan"]
 
@@ -177,7 +177,7 @@ def check_dataset(spec: DatasetSpec) -> None:
     Raises:
         DataError: one line per bad file (a label that does not sit on its image names both files).
     """
-    from .bundle.datalist import check_cases
+    from .datalist import check_cases
 
     check_cases(list(spec.training), len(spec.channels), label_values=list(range(len(spec.classes))))
     if spec.test:
@@ -243,7 +243,8 @@ def fingerprint(spec: DatasetSpec, work: str | Path | None = None) -> dict[str, 
 
 def _load_generator():
     """The repository's bundle generator (``tools/generate_bundles.py``): the one place bundle configs are written."""
-    path = Path(__file__).resolve().parents[1] / "tools" / "generate_bundles.py"
+    # this file is <repository>/qtunet_monai/bundle/plan.py
+    path = Path(__file__).resolve().parents[2] / "tools" / "generate_bundles.py"
     if not path.is_file():
         raise SettingError(f"plan renders bundles with the repository's {path.relative_to(path.parents[1])}, which "
                            f"is not at {path}: install qtunet_monai from a clone (pip install -e .).")
@@ -272,7 +273,7 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
     - intensity: CT, the foreground's 0.5/99.5 percentiles as the window, then its mean and standard
       deviation as the z-score (:class:`~qtunet_monai.pipeline.CTZScore`, nnU-Net's CT scheme); MRI, a
       z-score per channel over the non-zero voxels, with a crop to them (:class:`~qtunet_monai.pipeline.NonzeroNorm`);
-    - variant, ROI and batch: from the memory at hand (:func:`qtunet_monai.memory.choose_batch_and_roi`: 56 per
+    - variant, ROI and batch: from the memory at hand (:func:`qtunet_monai.profiling.memory.choose_batch_and_roi`: 56 per
       axis without a GPU, 128 or 96 on one), each axis no larger than the resampled median shape and rounded
       down to a multiple of 28 (the 4-voxel patch times the 7-token window: no padded tokens);
     - classes and channels: the ``dataset.json``'s names;
@@ -289,9 +290,9 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
         max_epochs: epochs (default the recipe's).
         bundle: the bundle's folder name.
     """
-    from .auto3dseg import _gpu_memory_gb, _size_for_memory
-    from .pipeline import CTZScore, NonzeroNorm, PosNegCrop, flips, scale, shift
-    from .tasks import THESIS, Task, get_task
+    from ..integrations.auto3dseg import _gpu_memory_gb, _size_for_memory
+    from ..pipeline import CTZScore, NonzeroNorm, PosNegCrop, flips, scale, shift
+    from ..tasks import THESIS, Task, get_task
 
     base = get_task(recipe_from) if recipe_from else None
     if base is not None and (base.pretraining_only or base.spatial_dims != 3 or base.sigmoid):
@@ -307,7 +308,7 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
     variant, roi, batch = _size_for_memory(memory, [round(s) for s in resampled])
     roi = [max(ROI_STEP, ROI_STEP * (int(r) // ROI_STEP)) for r in roi]
     why["roi_size"] = (f"{'no GPU' if memory <= 0 else f'{memory:.0f} GiB of GPU memory'}: crop edge of "
-                       f"qtunet_monai.memory.choose_batch_and_roi, each axis at most the resampled median shape "
+                       f"qtunet_monai.profiling.memory.choose_batch_and_roi, each axis at most the resampled median shape "
                        f"{[round(s) for s in resampled]}, rounded down to a multiple of {ROI_STEP} (the window tile)")
     why["variant"] = why["batch_size"] = f"chosen for {memory:.0f} GiB of GPU memory (0: CPU), as the Auto3DSeg template"
     if kind == "CT":
@@ -377,7 +378,7 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
 def _datalist(spec: DatasetSpec, num_folds: int, seed: int = 0) -> dict:
     """``training`` with a ``fold`` per case (the bundles' own :func:`~qtunet_monai.bundle.folds.fold_assignment`)
     and ``testing``."""
-    from .bundle.folds import fold_assignment
+    from .folds import fold_assignment
 
     folds = fold_assignment(len(spec.training), num_folds, seed)
     return {"num_folds": num_folds, "fold_seed": seed,

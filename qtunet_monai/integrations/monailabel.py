@@ -7,7 +7,7 @@
 - MONAI Label puts a string ``image_path`` into the data dictionary; MONAI 1.6's ``Spacingd`` treats
   every ``image_*`` key as image metadata and fails on it, so inference sets it aside while the
   bundle's pre-processing runs and puts it back afterwards.
-- Every image id, label tag and path a client sends is checked (:mod:`qtunet_monai.label_checks`):
+- Every image id, label tag and path a client sends is checked (:mod:`qtunet_monai.integrations.monailabel_checks`):
   ids and tags are plain names (400 otherwise), inference reads only images of the datastore (or
   the client's own upload), uploads are read in full and checked (a label against its image) before
   they are stored, and a refused upload's temporary copy is deleted.
@@ -32,8 +32,8 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from . import label_checks as checks
-from .bundle.datalist import DataError
+from ..bundle.datalist import DataError
+from . import monailabel_checks as checks
 
 __all__ = [
     "CheckedDatastore",
@@ -121,7 +121,7 @@ class QTUNetTrainTask(BundleTrainTask):
         return train, val
 
     def _update_overrides(self, overrides: dict) -> None:
-        from .bundle.settings import TRAINED_MODEL
+        from ..bundle.settings import TRAINED_MODEL
 
         # retraining continues the served model: its stored network and data settings apply, the recipe is the round's
         overrides["trained"] = TRAINED_MODEL
@@ -132,7 +132,7 @@ class QTUNetTrainTask(BundleTrainTask):
 
 @contextlib.contextmanager
 def _http():
-    """Answer a :class:`~qtunet_monai.label_checks.RequestRefused` with its HTTP status and message."""
+    """Answer a :class:`~qtunet_monai.integrations.monailabel_checks.RequestRefused` with its HTTP status and message."""
     try:
         yield
     except checks.RequestRefused as e:
@@ -143,7 +143,7 @@ def label_values_of(bundles: dict[str, str]) -> list[int] | None:
     """The label values any of the served bundles trains on (``label_values`` or ``range(num_classes)``)."""
     from monai.bundle import ConfigParser
 
-    from .bundle.settings import TRAINED
+    from ..bundle.settings import TRAINED
 
     values: set[int] = set()
     for path in bundles.values():

@@ -6,7 +6,7 @@ A training step holds the parameters, their gradients and Adam's two moments (16
 parameter), the activations saved for the backward pass (per sample, proportional to the batch) and
 what the GPU runtime itself takes (context, cuDNN workspace, allocator slack: :data:`RESERVE_GB`).
 The activations come from :data:`ACTIVATION_GB`, measured by :func:`activation_gb` (``python -m
-qtunet_monai.memory``): the bytes of the distinct tensors autograd saves in one float32 forward pass of
+qtunet_monai.profiling.memory``): the bytes of the distinct tensors autograd saves in one float32 forward pass of
 batch 1. With AMP on a GPU many of them are half precision, so the model errs on the safe side (an 80 GB
 H100 running QT-UNet-B at 96^3, batch 2, with AMP was seen using 6 GB in all).
 """
@@ -21,7 +21,7 @@ import torch
 __all__ = ["ACTIVATION_GB", "RESERVE_GB", "MAX_BATCH", "activation_gb", "parameter_state_gb", "choose_batch_and_roi"]
 
 #: saved activations (GiB) of one training forward pass at batch 1, float32, 4 input channels, 3 classes,
-#: per (variant, cubic crop edge); measured on CPU with :func:`activation_gb` (``python -m qtunet_monai.memory``)
+#: per (variant, cubic crop edge); measured on CPU with :func:`activation_gb` (``python -m qtunet_monai.profiling.memory``)
 ACTIVATION_GB: dict[tuple[str, int], float] = {
     ("tiny", 96): 1.351, ("small", 96): 1.709, ("base", 96): 2.079,
     ("tiny", 128): 3.331, ("small", 128): 4.153, ("base", 128): 4.987,
@@ -41,7 +41,7 @@ ROI_STEP = 28
 def activation_gb(variant: str, edge: int, in_channels: int = 4, out_channels: int = 3) -> float:
     """Measure the saved activations (GiB) of one float32 training forward pass of QT-UNet at ``edge``^3,
     batch 1: the distinct storages autograd keeps for the backward pass."""
-    from .networks import QTUNet
+    from ..networks import QTUNet
 
     network = QTUNet(in_channels, out_channels, variant=variant)
     storages: dict[int, int] = {}
@@ -58,7 +58,7 @@ def activation_gb(variant: str, edge: int, in_channels: int = 4, out_channels: i
 
 def parameter_state_gb(variant: str) -> float:
     """Parameters, gradients and Adam's two moments of QT-UNet in ``variant`` (float32), in GiB."""
-    from .networks import QTUNet
+    from ..networks import QTUNet
 
     return 16 * sum(p.numel() for p in QTUNet(4, 3, variant=variant).parameters()) / 2**30
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .bundle.errors import DataError, SettingError
+from ..bundle.errors import DataError, SettingError
 
 __all__ = ["trained_algos", "predict_ensemble"]
 
@@ -68,7 +68,7 @@ def predict_ensemble(work_dir: str | Path, input_dir: str | Path, output_dir: st
     import torch
     from monai.apps.auto3dseg import EnsembleRunner
 
-    from .bundle.datalist import check_cases, folder_datalist, output_stem
+    from ..bundle.datalist import check_cases, folder_datalist, output_stem
 
     work = Path(work_dir).resolve()
     source_file = work / "input.yaml"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .networks import ARCHITECTURES, QTUNet, build_architecture, use_attention_backend
+from ..networks import ARCHITECTURES, QTUNet, build_architecture, use_attention_backend
 
 __all__ = ["ComplexityTarget", "THESIS_TARGETS", "OPTION_ROWS", "count_parameters", "count_flops", "complexity_table",
            "option_table"]

@@ -21,8 +21,8 @@ import torch
 import yaml
 from monai.apps.auto3dseg import AutoRunner
 
-from . import pipeline
-from .utils import unwrap_module
+from .. import pipeline
+from ..networks.utils import unwrap_module
 
 __all__ = ["TemplateError", "CheckedAutoRunner", "refuse_gpu_customization", "check_data_source", "fill_hyper_parameters", "load_config",
            "build_transforms", "train", "validate", "InferClass"]
@@ -105,8 +105,8 @@ def fill_hyper_parameters(data_stats_file: str, data_src_cfg_file: str, output_p
 def _size_for_memory(memory_gb: float, image_shape) -> tuple[str, list[int], int]:
     """(variant, ROI, batch) for a GPU with ``memory_gb`` GiB (0: CPU): the variant by memory (base from 70 GB,
     small from 40 GB, else tiny), then the crop and batch from QT-UNet's memory model
-    (:func:`qtunet_monai.memory.choose_batch_and_roi`)."""
-    from .memory import choose_batch_and_roi
+    (:func:`qtunet_monai.profiling.memory.choose_batch_and_roi`)."""
+    from ..profiling.memory import choose_batch_and_roi
 
     variant = "base" if memory_gb >= 70 else "small" if memory_gb >= 40 else "tiny"
     roi, batch = choose_batch_and_roi(memory_gb, variant, image_shape)
@@ -157,7 +157,7 @@ def _usual_channels(items: list[dict]) -> int | None:
     """The channel count most cases' headers have (unreadable files are left to :func:`check_cases`)."""
     from collections import Counter
 
-    from .bundle.datalist import image_shape
+    from ..bundle.datalist import image_shape
 
     counts: Counter[int] = Counter()
     for item in items:
@@ -194,7 +194,7 @@ def check_data_source(data_src_cfg, check_values: bool = True) -> list[dict]:
         TemplateError: no training cases, or training cases without a label.
         DataError: each bad file and its problem, one per line.
     """
-    from .bundle import DataError, check_cases, load_datalist
+    from ..bundle import DataError, check_cases, load_datalist
 
     source = _read_source(data_src_cfg)
     datalist, root = str(source["datalist"]), source.get("dataroot")
@@ -261,7 +261,7 @@ def load_config(config_file, **override):
     parser.read_config([f for f in files if str(f).endswith((".yaml", ".json"))])
     parser.update(override)
     # the preset's network options, where the hyper-parameters leave them unset (null), as the bundles' --preset
-    from .bundle.presets import NETWORK_KEYS, preset
+    from ..bundle.presets import NETWORK_KEYS, preset
 
     chosen = preset(str(parser.get("preset") or "thesis"))
     for key in NETWORK_KEYS:
@@ -312,7 +312,7 @@ def build_transforms(parser, stage: str) -> list:
 def _fold_lists(parser) -> tuple[list[dict], list[dict]]:
     from monai.auto3dseg.utils import datafold_read
 
-    from .bundle import check_cases
+    from ..bundle import check_cases
 
     datalist = parser.get_parsed_content("data_list_file_path")
     base = parser.get_parsed_content("data_file_base_dir")
@@ -331,7 +331,7 @@ def _fold_lists(parser) -> tuple[list[dict], list[dict]]:
 def _device(parser) -> torch.device:
     """This process's device from the ``device`` hyper-parameter (``auto``, ``cpu``, ``cuda``): on a GPU
     machine ``cuda:<LOCAL_RANK>``, so that every node of a multi-node run uses its own GPUs."""
-    from .bundle import process_device
+    from ..bundle import process_device
 
     return process_device(parser.get("device", "auto"))
 
@@ -339,14 +339,14 @@ def _device(parser) -> torch.device:
 def _distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun (Auto3DSeg's multi-GPU mode),
     NCCL on a GPU, gloo on the CPU (``device=cpu``)."""
-    from .bundle import init_distributed
+    from ..bundle import init_distributed
 
     return init_distributed(device)
 
 
 def _param_groups(parser, network) -> list[dict]:
     """``weight_decay`` on weight matrices and kernels only (not on bias tables, norms, biases), as the bundles."""
-    from .bundle import param_groups
+    from ..bundle import param_groups
 
     return param_groups(network, float(parser.get("weight_decay", 0.0)))
 
@@ -355,7 +355,7 @@ def _load_pretrained(parser, network) -> dict | None:
     """Initialise from ``pretrained_path`` (an SSL encoder file or a bundle's ``model.pt``) as the bundles'
     ``--finetune`` does: loaded, missing and unexpected keys reported, mismatched shapes an error naming them;
     ``pretrained_exclude`` key prefixes (e.g. ``head.classifier.`` of another task's model) are not loaded."""
-    from .bundle import load_pretrained
+    from ..bundle import load_pretrained
 
     path = parser.get("pretrained_path")
     if not path:
@@ -431,7 +431,7 @@ def train(config_file, **override) -> float:
     Auto3DSeg ranks with) under ``ckpt_path``. Returns the best validation mean Dice."""
     from ignite.engine import Events
 
-    from .bundle import BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss, TrainingTimeBudget
+    from ..bundle import BestModelSaver, ResumeCheckpoint, StopOnNonFiniteLoss, TrainingTimeBudget
 
     if override:
         _save_overrides(config_file, override)
@@ -467,7 +467,7 @@ def train(config_file, **override) -> float:
         evaluator.run()
     best = float(evaluator.state.best_metric)
     logger.info(f"best validation mean Dice {best:.4f}; model in {ckpt / 'model.pt'}")
-    from .bundle import finish_distributed
+    from ..bundle import finish_distributed
 
     finish_distributed()  # leave together: a rank exiting mid-collective aborts the others (gloo)
     return best
@@ -478,7 +478,7 @@ def validate(config_file, **override) -> float:
     parser = load_config(config_file, **override)
     train_files, val_files = _fold_lists(parser)
     network, _, evaluator = _engines(parser, train_files, val_files)
-    from .bundle.checkpoints import read_checkpoint
+    from ..bundle.checkpoints import read_checkpoint
 
     state = read_checkpoint(Path(parser.get_parsed_content("ckpt_path")) / "model.pt")
     unwrap_module(network).load_state_dict(state)
@@ -500,7 +500,7 @@ class InferClass:
         self.device = _device(self.parser)
         self.network = self.parser.get_parsed_content("network").to(self.device).eval()
         weights = Path(self.parser.get_parsed_content("ckpt_path")) / "model.pt"
-        from .bundle.checkpoints import read_checkpoint
+        from ..bundle.checkpoints import read_checkpoint
 
         self.network.load_state_dict(read_checkpoint(weights))
         self.engine_network = _maybe_compiled(self.parser, self.network)

@@ -2,7 +2,7 @@
 """What the MONAI Label app checks before it acts on a client's request; no MONAI Label needed.
 
 MONAI Label is installed in its own environment (see the README), so everything a client can get
-wrong or abuse is checked here, where the package's tests reach it, and ``qtunet_monai.label``
+wrong or abuse is checked here, where the package's tests reach it, and ``qtunet_monai.integrations.monailabel``
 only turns :class:`RequestRefused` into HTTP responses:
 
 - image ids, label tags and file names are plain names, never paths (:func:`check_name`); a path
@@ -35,10 +35,10 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
-from .bundle.checkpoints import read_checkpoint
-from .bundle.datalist import _IMAGE_SUFFIXES, DataError, check_cases
-from .bundle.errors import find_cause
-from .utils import unwrap_module
+from ..bundle.checkpoints import read_checkpoint
+from ..bundle.datalist import _IMAGE_SUFFIXES, DataError, check_cases
+from ..bundle.errors import find_cause
+from ..networks.utils import unwrap_module
 
 __all__ = [
     "RequestRefused",
@@ -174,7 +174,7 @@ def check_upload(
         if image is None:
             check_cases([{"image": path}], in_channels=None)
         else:
-            from .bundle.datalist import image_shape
+            from ..bundle.datalist import image_shape
 
             dims = _spatial_dims(image, len(image_shape(image)))
             check_cases([{"image": image, "label": path}], in_channels=None, label_values=label_values,

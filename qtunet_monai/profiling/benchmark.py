@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .bundle.distributed import process_device
-from .bundle.presets import network_options
-from .networks import QTUNet
+from ..bundle.distributed import process_device
+from ..bundle.presets import network_options
+from ..networks import QTUNet
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "SCENARIOS", "build_model", "run_benchmark", "bench"]
 
