@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..networks.blocks.channel_transformer import ChannelTransformer
+
 __all__ = [
     "ChannelAttentionRecorder",
     "SkipSite",
@@ -56,7 +58,7 @@ def skip_sites(model: nn.Module) -> dict[str, SkipSite]:
     """The CCT scales and CCA gates of ``model`` by name (none for plain skips), in forward order."""
     sites: dict[str, SkipSite] = {}
     fusion = getattr(model, "skip_fusion", None)
-    if fusion is not None:
+    if isinstance(fusion, ChannelTransformer):  # another skip kind (networks/blocks/skips.py) has no CCT sites
         for level in range(len(fusion.widths)):
             name = f"skip.cct.stage{level + 1}"
             sites[name] = SkipSite(name, fusion, "cct", level)
@@ -106,6 +108,7 @@ class ChannelAttentionRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         fusion = getattr(model, "skip_fusion", None)
+        fusion = fusion if isinstance(fusion, ChannelTransformer) else None
         self.modules = [] if fusion is None else [layer.attn for layer in fusion.layers]
         self.widths: tuple[int, ...] = () if fusion is None else tuple(fusion.widths)
         self.cases = 0

@@ -22,6 +22,7 @@ from .detail import DetailPath
 from .encoder import EncoderStage, SwinSubBlock
 from .head import SegmentationHead
 from .patching import PatchEmbedding, PatchExpanding, PatchMerging
+from .skips import SKIPS, SkipGeometry, SkipKind
 from .swin import sinusoidal_position_encoding
 from .windows import WindowGeometry, relative_position_index, window_geometry
 
@@ -47,7 +48,10 @@ __all__ = [
     "PatchExpanding",
     "PatchMerging",
     "QTDecoderSubBlock",
+    "SKIPS",
     "SegmentationHead",
+    "SkipGeometry",
+    "SkipKind",
     "SwinDecoderSubBlock",
     "SwinSubBlock",
     "VTDecoderSubBlock",

@@ -74,29 +74,27 @@ def common_grid_factors(
 
 
 def resolve_cct_options(
-    skip: str,
     preset: str | None = None,
     num_layers: int | None = None,
     num_heads: int | None = None,
     embedding: str | None = None,
     grid: str | None = None,
     position: str | None = None,
-) -> dict | None:
-    """Check :class:`~qtunet_monai.networks.QTUNet`'s skip arguments and resolve the CCT's options.
+) -> dict:
+    """Check the CCT's arguments of :class:`~qtunet_monai.networks.QTUNet` (``cct_*``) and resolve them.
 
-    Returns None for ``skip="concat"`` (then every CCT option must be left unset), otherwise the
-    keyword arguments of :class:`ChannelTransformer` (``num_layers``, ``num_heads``, ``embedding``,
-    ``position``) and ``grid``: the preset's (default ``"full"``), overridden by the explicit values.
+    Returns the keyword arguments of :class:`ChannelTransformer` (``num_layers``, ``num_heads``,
+    ``embedding``, ``position``) and ``grid``: the preset's (default ``"full"``), overridden by the
+    explicit values. The skip kind itself is checked by :mod:`~qtunet_monai.networks.blocks.skips`.
+
+    Args:
+        preset: a key of :data:`CCT_PRESETS`.
+        num_layers: CCT layers, overriding the preset's.
+        num_heads: channel-attention heads, overriding the preset's.
+        embedding: ``"conv"`` or ``"pool"``, overriding the preset's.
+        grid: a value of :data:`CCT_GRIDS` (default ``"bottleneck"``).
+        position: ``"conv"`` (default), ``"sine"`` or ``"none"``.
     """
-    given = {"cct_preset": preset, "cct_layers": num_layers, "cct_heads": num_heads, "cct_embedding": embedding,
-             "cct_grid": grid, "cct_position": position}
-    if skip == "concat":
-        set_ = sorted(k for k, v in given.items() if v is not None)
-        if set_:
-            raise ValueError(f"{', '.join(set_)} only apply with skip='cct' (the skip is 'concat').")
-        return None
-    if skip != "cct":
-        raise ValueError(f"unknown skip {skip!r}; choose 'concat' (plain skips) or 'cct' (UCTransNet's CCT).")
     preset = "full" if preset is None else str(preset).lower()
     if preset not in CCT_PRESETS:
         raise ValueError(f"unknown cct_preset {preset!r}; choose one of {list(CCT_PRESETS)}.")

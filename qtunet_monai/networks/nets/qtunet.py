@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..blocks.attention_backends import AttentionBackend, resolve_attention_backend
-from ..blocks.channel_transformer import ChannelGate, ChannelTransformer, common_grid_factors, resolve_cct_options
+from ..blocks.channel_transformer import ChannelGate
 from ..blocks.conditional import attach_routers, resolve_routing
 from ..blocks.conditional import set_capacity as _set_capacity
 from ..blocks.decoder import DECODERS, DecoderStage
@@ -20,6 +20,7 @@ from ..blocks.encoder import EncoderStage
 from ..blocks.head import SegmentationHead
 from ..blocks.init import init_weights
 from ..blocks.patching import PatchEmbedding, PatchExpanding, PatchMerging
+from ..blocks.skips import SKIPS, SkipGeometry, build_skip, resolve_skip
 
 __all__ = ["ARCHITECTURES", "VARIANTS", "EncoderFeatures", "QTUNet", "QTUNetEncoder", "build_architecture"]
 
@@ -270,8 +271,9 @@ class QTUNet(_Encoder):
         deep_supervision: auxiliary heads on the decoder stages (see above).
         detail_widths: channels of the detail path's conv levels, finest first (``(16,)``: full
             resolution; ``(16, 32)``: full and 1/2); empty (default): no detail path, the thesis' head.
-        skip: ``"concat"`` (the thesis' skips) or ``"cct"`` (UCTransNet's CCT on the skips). The
-            ``cct_*`` arguments apply only with ``"cct"`` and must be left unset otherwise.
+        skip: a key of :data:`~qtunet_monai.networks.blocks.skips.SKIPS`: ``"concat"`` (the thesis' skips)
+            or ``"cct"`` (UCTransNet's CCT on the skips). The ``cct_*`` arguments apply only with ``"cct"``
+            and must be left unset otherwise.
         cct_preset: ``"full"`` (default; UCTransNet: 4 layers, 4 heads, convolutional embedding, MLP
             ratio 4) or ``"lite"`` (1 layer, 1 head, average-pooled embedding).
         cct_layers: CCT layers, overriding the preset's.
@@ -282,7 +284,7 @@ class QTUNet(_Encoder):
             ``"deepest_skip"`` (8x the tokens in 3D; for small ROIs).
         cct_position: position information on the grid: ``"conv"`` (default; a zero-initialised
             depthwise convolution), ``"sine"`` (fixed sinusoidal) or ``"none"``.
-        cca: the CCA gate in each decoder step; default: on with ``skip="cct"``, off with ``"concat"``
+        cca: the CCA gate in each decoder step; default: the skip kind's (on with ``skip="cct"``, off with ``"concat"``)
             (``cca=True`` with ``"concat"`` is UCTransNet's gate-only ablation).
         cca_for_cross_attention: the QT cross-attention reads the gated skip (default); False: the
             skip before the gate (the CCT's output with ``"cct"``). Only with ``cca``.
@@ -345,7 +347,9 @@ class QTUNet(_Encoder):
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}.")
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}.")
-        cct_options = resolve_cct_options(skip, cct_preset, cct_layers, cct_heads, cct_embedding, cct_grid, cct_position)
+        skip_options = resolve_skip(skip, {"cct_preset": cct_preset, "cct_layers": cct_layers, "cct_heads": cct_heads,
+                                           "cct_embedding": cct_embedding, "cct_grid": cct_grid,
+                                           "cct_position": cct_position})
         routing = resolve_routing(router, capacity, router_sites, router_weighting, router_options, decoder)
         super().__init__(
             in_channels, spatial_dims, feature_size, window_size, patch_size, merge_depth, num_stages, num_heads,
@@ -384,16 +388,12 @@ class QTUNet(_Encoder):
         # UCTransNet's skips, built last and under new names: the plain network's parameters, their names and
         # their random initialisation stay those of skip="concat", and its state dict loads with only these missing
         self.skip_type = skip
-        self.cct_options = cct_options
-        self.cca = (skip == "cct") if cca is None else bool(cca)
+        self.skip_options = skip_options  # the kind's resolved options (the CCT's for "cct")
+        self.cca = SKIPS[skip].gated if cca is None else bool(cca)
         self.cca_for_cross_attention = bool(cca_for_cross_attention)
-        self.skip_fusion: ChannelTransformer | None = None
+        geometry = SkipGeometry(tuple(widths[:num_stages]), tuple(self.merge_factors), spatial_dims, use_checkpoint)
+        self.skip_fusion: nn.Module | None = build_skip(skip, geometry, skip_options)  # None: skips unchanged
         self.skip_gates: nn.ModuleList | None = None
-        if cct_options is not None:
-            options = dict(cct_options)
-            factors = common_grid_factors(self.merge_factors, num_stages, options.pop("grid"))
-            self.skip_fusion = ChannelTransformer(widths[:num_stages], factors, spatial_dims, **options,
-                                                  use_checkpoint=use_checkpoint)
         if self.cca:
             self.skip_gates = nn.ModuleList(ChannelGate(widths[i]) for i in levels)  # deep to shallow
         # conditional blocks, attached last: the dense parameters keep their names and initialisation
