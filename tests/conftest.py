@@ -40,6 +40,17 @@ def tiny_qtunet() -> Callable[..., QTUNet]:
 
 
 @pytest.fixture
+def tiny_eval_qtunet() -> Callable[..., QTUNet]:
+    """The explain suites' network: :func:`build_tiny_qtunet` with one input channel, in eval mode;
+    ``tiny_eval_qtunet(skip="cct", spatial_dims=2)``."""
+
+    def make(**kwargs) -> QTUNet:
+        return build_tiny_qtunet(**{"in_channels": 1, **kwargs}).eval()
+
+    return make
+
+
+@pytest.fixture
 def task_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
     """A factory of task bundles on fake data: ``task_bundle("msd_spleen")`` copies that task's bundle from
     bundles/ (without data, models or eval) into ``tmp_path``, writes the task's fake data set and the bundle's

@@ -286,7 +286,9 @@ def test_every_baseline_trains_and_infers_through_the_bundle_configs(name, task_
 
 @pytest.mark.slow
 def test_folds_tta_keep_largest_and_the_fold_ensemble_through_the_bundle_configs(spleen_bundle):
-    over = {"roi_size": [32, 32, 32], "num_workers": 0, "num_folds": 2}
+    # 2 mm voxels (the bundle's 1 mm resamples the fake 5 mm slices into a long volume): the TTA evaluation's
+    # 8 flips and the ensemble slide over 1/8 of the voxels
+    over = {"roi_size": [32, 32, 32], "pixdim": [2.0, 2.0, 2.0], "num_workers": 0, "num_folds": 2}
     for fold in (0, 1):
         run(config_file="configs/train.json", max_epochs=1, val_interval=1, fold=fold, **over)
         assert (spleen_bundle / "models" / f"fold{fold}" / "model.pt").is_file()

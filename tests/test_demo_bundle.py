@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow  # the demo bundle end to end, in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
+#: training overrides that keep the default network but cut its cost: one 32^3 crop per case instead of two
+#: 56^3 ones (32 is the smallest ROI the network's 4 x 2^3 downsampling takes)
+SMALL_CROPS = ("--roi_size", "[32,32,32]", "--num_samples", "1")
+#: and 4 mm voxels: the sliding-window validation, evaluation and inference see 1/8 of the voxels
+#: (inference's Invertd still writes the prediction on the 2 mm input grid)
+SMALL_RUN = (*SMALL_CROPS, "--pixdim", "[4.0,4.0,4.0]")
 
 
 def _run(args, cwd, timeout=900, check=True, extra_env=None):
@@ -87,16 +93,16 @@ def test_monai_bundle_checks(bundle):
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
     _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts",
           "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json", "--config_file",
-          "configs/inference.json", "--use_trace", "True"], bundle)
-    x = torch.randn(1, 1, 56, 56, 56)
+          "configs/inference.json", "--use_trace", "True", "--input_shape", "[1,1,32,32,32]"], bundle)
+    x = torch.randn(1, 1, 32, 32, 32)  # the traced size (verify_net_in_out above ran the metadata's 56^3)
     with torch.no_grad():
         exported = torch.jit.load(bundle / "models" / "model.ts")(x)
-        assert exported.shape == (1, 4, 56, 56, 56)
+        assert exported.shape == (1, 4, 32, 32, 32)
         torch.testing.assert_close(exported, net(x))  # the traced graph computes the checkpoint's network
 
 
 def test_train_evaluate_infer_end_to_end(bundle, demo_data):
-    _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1")
+    _bundle_run(bundle, ["train.json"], "--max_epochs", "2", "--val_interval", "1", *SMALL_RUN)
     model = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert "detail_path.classifier.conv.conv.weight" in model  # a plain state dict (the accurate preset's network)
     resume = torch.load(bundle / "models" / "resume.pt", weights_only=True)
@@ -104,7 +110,7 @@ def test_train_evaluate_infer_end_to_end(bundle, demo_data):
     assert resume["best_metric_epoch"] in (1, 2) and 0.0 <= resume["best_metric"] <= 1.0  # kept across a resume
     assert list((bundle / "eval").glob("events.out.tfevents.*")), "no TensorBoard log"
 
-    _bundle_run(bundle, ["train.json", "evaluate.json"])
+    _bundle_run(bundle, ["train.json", "evaluate.json"])  # the ROI and spacing come from the stored settings
     summary = (bundle / "eval" / "val_mean_dice_raw.csv").read_text()
     assert "brain_template" in summary
 
@@ -129,7 +135,7 @@ def test_train_evaluate_infer_end_to_end(bundle, demo_data):
 def test_multi_gpu_config_runs_under_torchrun_with_gloo(bundle):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-          "--max_epochs", "1", "--val_interval", "1", "--device", "cpu"], bundle)
+          "--max_epochs", "1", "--val_interval", "1", *SMALL_RUN, "--device", "cpu"], bundle)
     assert torch.load(bundle / "models" / "resume.pt", weights_only=True)["epoch"] == 1
     assert (bundle / "models" / "model.pt").is_file()
 
@@ -171,7 +177,7 @@ def test_two_nodes_pick_their_gpu_by_local_rank(bundle, tmp_path):
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "monai.bundle", "run", "--config_file", configs,
-         "--max_epochs", "1", "--val_interval", "2", "--device", "cpu"],  # validation: the test above
+         "--max_epochs", "1", "--val_interval", "2", *SMALL_CROPS, "--device", "cpu"],  # validation: the test above
         cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for node in (0, 1)]
     outputs = [agent.communicate(timeout=900)[0] for agent in agents]
     for node, (agent, out) in enumerate(zip(agents, outputs)):
@@ -183,7 +189,7 @@ def test_two_nodes_pick_their_gpu_by_local_rank(bundle, tmp_path):
 def test_killed_training_resumes_from_the_saved_epoch(bundle):
     files = "['configs/train.json']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--max_epochs", "4",
-           "--val_interval", "10"]
+           "--val_interval", "10", *SMALL_CROPS]
     proc = subprocess.Popen(cmd, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = bundle / "models" / "resume.pt"
     deadline = time.time() + 600
@@ -194,7 +200,8 @@ def test_killed_training_resumes_from_the_saved_epoch(bundle):
     saved = torch.load(checkpoint, weights_only=True)
     assert 1 <= saved["epoch"] < 4, "the run finished before it could be killed"
 
-    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "4", "--val_interval", "10", "--resume", "True")
+    done = _bundle_run(bundle, ["train.json"], "--max_epochs", "4", "--val_interval", "10", "--resume", "True",
+                       *SMALL_CROPS)
     log = done.stdout + done.stderr
     assert "resumed from" in log
     epochs = sorted({int(line.split("Epoch: ")[1].split("/")[0]) for line in log.splitlines() if "Epoch: " in line})

@@ -26,13 +26,8 @@ from qtunet_monai.explain import (
 )
 from qtunet_monai.networks.blocks.windows import relative_position_index
 
-# window 3 on a 24 x 20 x 16 input: stage-1 tokens 6 x 5 x 4, so windows are padded and shifted
-SMALL = {"in_channels": 1, "out_channels": 3, "feature_size": 12, "window_size": 3}
-
-
-def _net(**kwargs) -> QTUNet:
-    torch.manual_seed(0)
-    return QTUNet(**{**SMALL, **kwargs}).eval()
+# tiny_eval_qtunet (tests/conftest.py), window 3, on a 24 x 20 x 16 input: stage-1 tokens 6 x 5 x 4, so windows
+# are padded and shifted
 
 
 def _force_attention(net: QTUNet, diagonal: float) -> None:
@@ -53,8 +48,8 @@ def net_window(net: QTUNet) -> int:
     return net.encoder_stages[0].window_size
 
 
-def test_recorded_weights_reproduce_the_fused_blocks_and_leave_the_output_alone():
-    net = _net()
+def test_recorded_weights_reproduce_the_fused_blocks_and_leave_the_output_alone(tiny_eval_qtunet):
+    net = tiny_eval_qtunet()
     x = torch.randn(1, 1, 24, 20, 16)
     with torch.no_grad():
         plain = net(x)
@@ -71,8 +66,8 @@ def test_recorded_weights_reproduce_the_fused_blocks_and_leave_the_output_alone(
     assert all(not site.module._forward_pre_hooks for site in attention_sites(net).values())
 
 
-def test_weights_sum_to_one_over_unmasked_keys():
-    net = _net()
+def test_weights_sum_to_one_over_unmasked_keys(tiny_eval_qtunet):
+    net = tiny_eval_qtunet()
     with torch.no_grad(), AttentionRecorder(net, ["encoder.stage1.block2", "decoder.stage1.block2.cross"]) as rec:
         net(torch.randn(2, 1, 24, 20, 16))
     for capture in rec.captures.values():
@@ -86,8 +81,8 @@ def test_weights_sum_to_one_over_unmasked_keys():
         assert (weights * (1 - unmasked)).max() < 1e-6
 
 
-def test_rollout_of_identity_attention_is_identity():
-    net = _net()
+def test_rollout_of_identity_attention_is_identity(tiny_eval_qtunet):
+    net = tiny_eval_qtunet()
     _force_attention(net, diagonal=1e4)
     with torch.no_grad(), AttentionRecorder(net, ["encoder", "bottleneck"]) as rec:
         net(torch.randn(1, 1, 48, 48, 48))  # 12^3 stage-1 tokens: every level tiles its merges
@@ -101,8 +96,8 @@ def test_rollout_of_identity_attention_is_identity():
     torch.testing.assert_close(full, expected)
 
 
-def test_mean_attention_distance_of_uniform_attention_is_the_window_mean_distance():
-    net = _net()
+def test_mean_attention_distance_of_uniform_attention_is_the_window_mean_distance(tiny_eval_qtunet):
+    net = tiny_eval_qtunet()
     _force_attention(net, diagonal=0.0)
     with torch.no_grad(), AttentionRecorder(net, "encoder.stage1.block1") as rec:
         net(torch.randn(1, 1, 24, 24, 24))  # 6^3 tokens: 2^3 unshifted windows of 3^3, no padding
@@ -114,8 +109,8 @@ def test_mean_attention_distance_of_uniform_attention_is_the_window_mean_distanc
     np.testing.assert_allclose(measured.numpy(), analytic, rtol=1e-5)
 
 
-def test_ablation_changes_the_output_and_restores_it():
-    net = _net()
+def test_ablation_changes_the_output_and_restores_it(tiny_eval_qtunet):
+    net = tiny_eval_qtunet()
     x = torch.randn(1, 1, 24, 20, 16)
     with torch.no_grad():
         before = net(x)
@@ -129,7 +124,7 @@ def test_ablation_changes_the_output_and_restores_it():
         select_sites(net, "decoder.stage9")
 
 
-def test_maps_are_written_in_the_input_space(tmp_path):
+def test_maps_are_written_in_the_input_space(tmp_path, tiny_eval_qtunet):
     # an oblique, anisotropic, non-RAS input, resampled by the preprocessing to 2 mm RAS
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
@@ -142,7 +137,7 @@ def test_maps_are_written_in_the_input_space(tmp_path):
         LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
         Spacingd("image", pixdim=(2.0, 2.0, 2.0)),
     ])
-    net = _net()
+    net = tiny_eval_qtunet()
     summary = explain_image(net, str(image), "15,13,6", str(tmp_path / "out"), preprocessing, figures=False)
     cross = nib.load(summary["maps"]["decoder.stage1.block1.cross"])
     heads = net.decoder_stages[-1].blocks[0].cross_attn.num_heads
@@ -157,7 +152,7 @@ def test_maps_are_written_in_the_input_space(tmp_path):
     heads_total = sum(site.module.num_heads for site in attention_sites(net).values())
     assert len(lines) == 1 + heads_total
     with pytest.raises(ValueError, match="VT-UNet"):
-        explain_image(_net(decoder="vt"), str(image), "15,13,6", str(tmp_path / "vt"), preprocessing)
+        explain_image(tiny_eval_qtunet(decoder="vt"), str(image), "15,13,6", str(tmp_path / "vt"), preprocessing)
     with pytest.raises(ValueError, match="outside the image"):
         explain_image(net, str(image), "15,13,600", str(tmp_path / "far"), preprocessing, figures=False)
 

@@ -30,13 +30,6 @@ from qtunet_monai.explain import (
 )
 from qtunet_monai.networks.blocks.conditional import LightRouter
 
-SMALL = {"in_channels": 1, "out_channels": 3, "feature_size": 12, "window_size": 3}
-
-
-def _net(**kwargs) -> QTUNet:
-    torch.manual_seed(0)
-    return QTUNet(**{**SMALL, **kwargs}).eval()
-
 
 def _train_reconstruction(net: QTUNet) -> None:
     """Nonzero CCT reconstructions (as after training; they start at zero)."""
@@ -59,8 +52,8 @@ def _dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 # CCT: channel attention maps and mass
 
 
-def test_channel_maps_are_head_and_case_means_whose_rows_sum_to_one():
-    net = _net(spatial_dims=2, skip="cct", cct_layers=2, cct_heads=2)
+def test_channel_maps_are_head_and_case_means_whose_rows_sum_to_one(tiny_eval_qtunet):
+    net = tiny_eval_qtunet(spatial_dims=2, skip="cct", cct_layers=2, cct_heads=2)
     _train_reconstruction(net)
     a, b = torch.randn(1, 1, 48, 40), torch.randn(1, 1, 48, 40)
     with torch.no_grad():
@@ -91,15 +84,15 @@ def test_channel_maps_are_head_and_case_means_whose_rows_sum_to_one():
         per_head = attn.maps(*inputs["args"])
     for i, scale_map in enumerate(recorded["a"]["layer2"]):
         torch.testing.assert_close(scale_map.float(), per_head[i][0].mean(0))
-    assert not ChannelAttentionRecorder(_net(spatial_dims=2)).active
+    assert not ChannelAttentionRecorder(tiny_eval_qtunet(spatial_dims=2)).active
     with pytest.raises(ValueError, match="no channel attention recorded"):
-        with ChannelAttentionRecorder(_net(spatial_dims=2)) as empty:
+        with ChannelAttentionRecorder(tiny_eval_qtunet(spatial_dims=2)) as empty:
             pass
         empty.maps()
 
 
-def test_attention_mass_per_scale():
-    net = _net(skip="cct", cct_preset="lite", cct_heads=2)
+def test_attention_mass_per_scale(tiny_eval_qtunet):
+    net = tiny_eval_qtunet(skip="cct", cct_preset="lite", cct_heads=2)
     x = torch.randn(1, 1, 24, 20, 16)
     with torch.no_grad(), ChannelAttentionRecorder(net) as recorder:
         net(x)
@@ -129,13 +122,13 @@ def test_attention_mass_per_scale():
 # CCT and gate ablation
 
 
-def test_ablating_the_cct_and_the_gate_gives_the_plain_network_and_its_dice():
-    cct = _net(skip="cct", cct_preset="lite")
+def test_ablating_the_cct_and_the_gate_gives_the_plain_network_and_its_dice(tiny_eval_qtunet):
+    cct = tiny_eval_qtunet(skip="cct", cct_preset="lite")
     _train_reconstruction(cct)
-    plain = _net()
+    plain = tiny_eval_qtunet()
     state = {k: v for k, v in cct.state_dict().items() if not k.startswith(("skip_fusion.", "skip_gates."))}
     plain.load_state_dict(state)
-    gate_only = _net(cca=True)  # plain skips with the gate: what ablating the CCT alone leaves
+    gate_only = tiny_eval_qtunet(cca=True)  # plain skips with the gate: what ablating the CCT alone leaves
     gate_only.load_state_dict({k: v for k, v in cct.state_dict().items() if not k.startswith("skip_fusion.")})
     assert list(skip_sites(cct)) == ["skip.cct.stage1", "skip.cct.stage2", "skip.cct.stage3", "skip.gate.stage3",
                                      "skip.gate.stage2", "skip.gate.stage1"]
@@ -163,8 +156,8 @@ def test_ablating_the_cct_and_the_gate_gives_the_plain_network_and_its_dice():
         pass
 
 
-def test_ablating_the_gate_is_a_saturated_gate():
-    gated = _net(spatial_dims=2, skip="cct", cct_preset="lite")
+def test_ablating_the_gate_is_a_saturated_gate(tiny_eval_qtunet):
+    gated = tiny_eval_qtunet(spatial_dims=2, skip="cct", cct_preset="lite")
     _train_reconstruction(gated)
     x = torch.randn(1, 1, 44, 36)
     with torch.no_grad():
@@ -236,10 +229,10 @@ def test_bundle_ablation_of_cct_and_gate_scores_the_plain_networks_dice(tmp_path
 # routers: selections and heavy share per class
 
 
-def test_heavy_share_lies_in_0_1_and_averages_to_the_capacity():
+def test_heavy_share_lies_in_0_1_and_averages_to_the_capacity(tiny_eval_qtunet):
     """2D, 96 x 96 with patch 4 and window 3: every level's grid (24, 12, 6, 3) is a multiple of the window,
     so no window is padded, and capacity 1/3 routes exactly 3 of each window's 9 tokens."""
-    net = _net(spatial_dims=2, router="light", capacity=1 / 3)
+    net = tiny_eval_qtunet(spatial_dims=2, router="light", capacity=1 / 3)
     x = torch.randn(2, 1, 96, 96)
     with torch.no_grad():
         plain = net(x)
@@ -268,7 +261,7 @@ def test_heavy_share_lies_in_0_1_and_averages_to_the_capacity():
 
 
 @pytest.mark.slow
-def test_explain_image_writes_channel_maps_routing_and_heavy_share(tmp_path):
+def test_explain_image_writes_channel_maps_routing_and_heavy_share(tmp_path, tiny_eval_qtunet):
     shape = (24, 20, 16)
     affine = np.diag([1.5, 1.5, 2.0, 1.0])
     rng = np.random.default_rng(0)
@@ -278,7 +271,7 @@ def test_explain_image_writes_channel_maps_routing_and_heavy_share(tmp_path):
     truth[6:18, 4:14, 3:12] = 1
     truth[10:14, 8:12, 5:9] = 2
     nib.save(nib.Nifti1Image(truth, affine), str(label))
-    net = _net(skip="cct", cct_preset="lite", router="light", capacity=0.5)
+    net = tiny_eval_qtunet(skip="cct", cct_preset="lite", router="light", capacity=0.5)
     summary = explain_image(net, str(image), "12,10,8", str(tmp_path / "out"), label_file=str(label),
                             class_names=["background", "outer", "inner"])
     out = tmp_path / "out"
