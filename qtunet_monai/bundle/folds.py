@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from monai.auto3dseg.utils import datafold_read
 
 from .datalist import DataError, load_datalist
 from .files import atomic_write_text
@@ -76,6 +77,8 @@ def load_fold(datalist_file: str, split: str, fold: int = -1, num_folds: int = 5
     if fold >= num_folds:
         raise ValueError(f"fold {fold} does not exist with num_folds={num_folds} (folds are 0..{num_folds - 1}).")
     write_folds(datalist_file, num_folds, seed)
+    # our reader makes the paths absolute and names the file in its errors; MONAI's (Auto3DSeg's) splits by
+    # the "fold" key, with no base folder left to prepend
     cases = load_datalist(datalist_file, "training")
-    held_out = split == "validation"
-    return [c for c in cases if (c["fold"] == fold) == held_out]
+    training, validation = datafold_read({"training": cases}, basedir="", fold=fold, key="training")
+    return validation if split == "validation" else training
