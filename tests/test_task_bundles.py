@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -78,19 +79,37 @@ def test_generated_json_layout_and_imports():
                 assert statement.split()[-1] + "." in used, (task.bundle, rel, statement)
 
 
+def test_readme_templates_fill_every_placeholder():
+    """Every task's README sections fill exactly the placeholders of its template (rendering raises on a missing
+    one), and the rendered text starts with the task's title and ends with its references."""
+    for task in TASKS.values():
+        name, sections = (("pretraining_README.md", generate_bundles.pretraining_sections(task))
+                          if task.pretraining_only else ("bundle_README.md", generate_bundles.readme_sections(task)))
+        template = string.Template((generate_bundles.TEMPLATES / name).read_text())
+        assert set(template.get_identifiers()) == set(sections), (task.bundle, name)
+        text = generate_bundles.render_template(name, sections)
+        assert text.startswith(f"# {task.title}\n\n{task.description}") and "$" not in text, task.bundle
+        assert text.endswith("## References\n" + "".join(f"- {r}\n" for r in task.docs.references)), task.bundle
+        missing = dict(sections)
+        del missing["thesis_result"]
+        with pytest.raises(KeyError, match="thesis_result"):
+            generate_bundles.render_template(name, missing)
+
+
 def test_generated_configs_follow_the_thesis_recipe():
     for task in TASK_BUNDLES:
         train = _untrained(json.loads(render_bundle(task)["configs/train.json"]))
         assert train["learning_rate"] == 4e-5 and train["network_def"]["drop_path_rate"] == 0.2
-        assert (train["batch_size"], train["max_epochs"]) == ((4, 150) if task.spatial_dims == 2 else (1, 350))
-        assert train["weight_decay"] == (0.001 if task.spatial_dims == 2 else 0.0)
+        assert (train["batch_size"], train["max_epochs"]) == ((4, 150) if task.source.spatial_dims == 2 else (1, 350))
+        assert train["weight_decay"] == (0.001 if task.source.spatial_dims == 2 else 0.0)
         assert train["validate"]["inferer"]["overlap"] == 0.5 and train["validate"]["inferer"]["mode"] == "@sw_mode"
         assert train["sw_mode"] == "constant"
         loss = train["loss"]
         assert loss.get("sigmoid", False) == (task.data in ("brats21", "msd_brain"))
         metrics = set(train["validate"]["key_metric"]) | set(train["validate"]["additional_metrics"])
         assert "val_mean_dice" in train["validate"]["key_metric"]
-        assert ("val_hd95" in metrics) == task.hd95 and ("val_mean_iou" in metrics) == (task.spatial_dims == 2)
+        assert ("val_hd95" in metrics) == task.recipe.hd95
+        assert ("val_mean_iou" in metrics) == (task.source.spatial_dims == 2)
     brats = _untrained(json.loads(render_bundle(TASKS["qtunet_brats21_segmentation"])["configs/train.json"]))
     assert brats["roi_size"] == [128, 128, 128] and brats["pixdim"] == [1.0, 1.0, 1.0]
     btcv = _untrained(json.loads(render_bundle(TASKS["qtunet_btcv_segmentation"])["configs/train.json"]))
@@ -125,7 +144,7 @@ def test_generated_configs_keep_the_shared_training_machinery():
         assert "device" not in overlay and "$qtunet_bundle.init_distributed(@device)" in overlay["initialize"]
         assert overlay["validate#sampler"]["even_divisible"]  # every rank computes the all-reduced mean
         meta = config(bundle, "configs/metadata.json")
-        assert meta.get("eval_metrics") == (task.eval_metrics or None), bundle
+        assert meta.get("eval_metrics") == (task.docs.eval_metrics or None), bundle
         if task.pretraining_only:
             continue
         train = config(bundle, "configs/train.json")
@@ -140,7 +159,7 @@ def test_generated_configs_keep_the_shared_training_machinery():
 
 def _overrides(task) -> dict:
     """Tiny crops and one short epoch; the fake volumes stay small at the task's spacing."""
-    over = {"roi_size": [64, 64] if task.spatial_dims == 2 else [32, 32, 32], "num_workers": 0}
+    over = {"roi_size": [64, 64] if task.source.spatial_dims == 2 else [32, 32, 32], "num_workers": 0}
     if task.data in ("msd_hippocampus", "msd_prostate"):  # 0.2 / 0.5 mm would blow the fake volumes up
         over["pixdim"] = [1.5, 1.5, 1.5]
     return over
@@ -157,13 +176,13 @@ def test_bundle_end_to_end_on_fake_data(task, task_bundle):
 
     run(config_file="configs/train.json", max_epochs=1, val_interval=1, **over)
     model = torch.load("models/model.pt", weights_only=True)
-    assert model["head.classifier.weight"].shape[0] == task.num_classes
+    assert model["head.classifier.weight"].shape[0] == task.source.num_classes
     assert torch.load("models/resume.pt", weights_only=True)["epoch"] == 1
 
     run(config_file=["configs/train.json", "configs/evaluate.json"], **over)
     scores = (bundle / "eval" / "metrics.csv").read_text()
     assert "val_mean_dice" in scores
-    assert ("val_hd95" in scores) == task.hd95 and ("val_mean_iou" in scores) == task.iou
+    assert ("val_hd95" in scores) == task.recipe.hd95 and ("val_mean_iou" in scores) == task.recipe.iou
 
     shutil.rmtree("eval")
     run(config_file="configs/inference.json", **{k: v for k, v in over.items() if k != "num_workers"})
@@ -172,23 +191,24 @@ def test_bundle_end_to_end_on_fake_data(task, task_bundle):
     source = source[0] if isinstance(source, list) else source
     predictions = sorted((bundle / "eval").glob("*_seg.*"))
     assert len(predictions) == len(datalist["testing"])
-    if task.spatial_dims == 2:
+    if task.source.spatial_dims == 2:
         from PIL import Image
 
         prediction, image = Image.open(predictions[0]), Image.open(source)
         assert prediction.size == image.size and prediction.mode == "L"
-        assert set(np.unique(np.asarray(prediction)).tolist()) <= set(range(task.num_classes))
+        assert set(np.unique(np.asarray(prediction)).tolist()) <= set(range(task.source.num_classes))
     else:
         prediction, image = nib.load(predictions[0]), nib.load(source)
         assert prediction.shape == image.shape[:3]
         np.testing.assert_allclose(prediction.affine, image.affine, atol=1e-4)
-        assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= set(task.label_values)
+        assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= set(task.source.label_values)
 
     ckpt_export("network_def", filepath="models/model.ts", ckpt_file="models/model.pt",
                 meta_file="configs/metadata.json", config_file="configs/inference.json", use_trace=True,
-                input_shape=[1, task.in_channels, *over["roi_size"]], **over)
-    shape = (1, task.in_channels, *over["roi_size"])
-    assert torch.jit.load("models/model.ts")(torch.randn(shape)).shape == (1, task.num_classes, *over["roi_size"])
+                input_shape=[1, task.source.in_channels, *over["roi_size"]], **over)
+    shape = (1, task.source.in_channels, *over["roi_size"])
+    traced = torch.jit.load("models/model.ts")
+    assert traced(torch.randn(shape)).shape == (1, task.source.num_classes, *over["roi_size"])
 
 
 @pytest.mark.slow
@@ -197,7 +217,7 @@ def test_pretrain_then_finetune_on_fake_data(key, task_bundle, capsys):
     """configs/pretrain.json writes the encoder; a task bundle starts from it with --finetune True."""
     task = next(t for t in TASKS.values() if t.data == key)
     bundle = task_bundle(key)
-    roi = [64, 64] if task.spatial_dims == 2 else [32, 32, 32]
+    roi = [64, 64] if task.source.spatial_dims == 2 else [32, 32, 32]
     run(config_file="configs/pretrain.json", max_epochs=2, batch_size=2, roi_size=roi, num_workers=0)
     encoder = torch.load("models/pretrained.pt", weights_only=True)
     assert torch.load("models/pretrain_resume.pt", weights_only=True)["epoch"] == 2

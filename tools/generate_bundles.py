@@ -5,8 +5,9 @@ tooling: nothing in the installed package imports this file).
 What the bundles share (the engines, handlers, checkpointing, resume and fine-tune switches,
 distributed training, evaluation and inference) is written once here; the pipeline pieces (transforms,
 loss, post-processing, metrics, inferer) come from :mod:`qtunet_monai.pipeline`, which the Auto3DSeg
-template instantiates too; what differs comes from the task. The generated files are committed, so every
-bundle stays a self-contained folder a user can read and edit.
+template instantiates too; what differs comes from the task. The docs' text is in ``tools/templates/``
+(``string.Template`` files), filled with sections computed from the task. The generated files are committed,
+so every bundle stays a self-contained folder a user can read and edit.
 
 Usage, from the repository root::
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import string
 import sys
 from pathlib import Path
 
@@ -67,9 +69,10 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 # ---------------------------------------------------------------------------------------------- transforms
 def deterministic_transforms(task: Task, with_label: bool, pad: bool = True) -> list[dict]:
     """Loading, label conversion, orientation, spacing, intensity and foreground crop (train, validation, inference)."""
-    return pipeline.deterministic_transforms(task.intensity, task.spatial_dims, with_label,
-                                             resample=task.pixdim is not None, crop_foreground=task.crop_foreground,
-                                             regions=task.regions, label_map=task.label_map, pad=pad)
+    source = task.source
+    return pipeline.deterministic_transforms(source.intensity, source.spatial_dims, with_label,
+                                             resample=source.pixdim is not None, crop_foreground=source.crop_foreground,
+                                             regions=source.regions, label_map=source.label_map, pad=pad)
 
 
 def _saver(task: Task, key: str) -> dict:
@@ -77,7 +80,7 @@ def _saver(task: Task, key: str) -> dict:
     saver = {"_target_": "SaveImaged", "keys": key, "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False,
              "writer": "qtunet_monai.bundle.AtomicNibabelWriter"}
-    if task.spatial_dims == 2:
+    if task.source.spatial_dims == 2:
         saver.update({"output_ext": ".png", "writer": "qtunet_monai.bundle.AtomicPILWriter", "scale": None})
     return saver
 
@@ -86,13 +89,13 @@ def _keep_largest(task: Task) -> dict:
     """Largest connected component per class (``--keep_largest True``; classes ``@keep_largest_labels``):
     on the label map of a softmax task, on each thresholded channel of a sigmoid one."""
     return {"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": "@keep_largest_labels",
-            "is_onehot": task.sigmoid, "independent": True, "_disabled_": "$not @keep_largest"}
+            "is_onehot": task.source.sigmoid, "independent": True, "_disabled_": "$not @keep_largest"}
 
 
 def _save_label_map(task: Task, with_label: bool) -> list[dict]:
     """From the (inverted) probabilities: a label map written to disk; with a label, keep one-hot for the metrics."""
-    if task.sigmoid:
-        regions = [list(r) for r in task.regions]
+    if task.source.sigmoid:
+        regions = [list(r) for r in task.source.regions]
         return [
             {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5},
             _keep_largest(task),
@@ -103,30 +106,31 @@ def _save_label_map(task: Task, with_label: bool) -> list[dict]:
     steps = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, _keep_largest(task), _saver(task, "pred")]
     if with_label:
         steps.append({"_target_": "AsDiscreted", "keys": ["pred", "label"], "to_onehot": "@num_classes"})
-        if task.void:
+        if task.source.void:
             steps.append({"_target_": "qtunet_monai.bundle.MaskVoidd", "keys": "pred", "label_key": "label"})
     return steps
 
 
 def _metrics(task: Task) -> dict:
-    return pipeline.metrics(task.sigmoid, hd95=task.hd95, iou=task.iou)
+    return pipeline.metrics(task.source.sigmoid, hd95=task.recipe.hd95, iou=task.recipe.iou)
 
 
 def _sliding_window(task: Task) -> dict:
-    return {**pipeline.sliding_window(4 if task.spatial_dims == 3 else 2), "mode": "@sw_mode"}
+    return {**pipeline.sliding_window(4 if task.source.spatial_dims == 3 else 2), "mode": "@sw_mode"}
 
 
 def _tta(task: Task, inferer: str) -> str:
     """The evaluator's inferer: ``inferer`` itself, or wrapped in flip TTA with ``--tta True``."""
-    return f"$qtunet_bundle.FlipTTAInferer({inferer}, sigmoid={task.sigmoid}) if @tta else {inferer}"
+    return f"$qtunet_bundle.FlipTTAInferer({inferer}, sigmoid={task.source.sigmoid}) if @tta else {inferer}"
 
 
 def _options(task: Task) -> dict:
     """The inference and cross-validation switches of train.json and inference.json (thesis recipe: all off)."""
-    foreground = list(range(task.num_classes)) if task.sigmoid else list(range(1, task.num_classes))
+    source, recipe = task.source, task.recipe
+    foreground = list(range(source.num_classes)) if source.sigmoid else list(range(1, source.num_classes))
     return {
         # --preset: the network options and recipe of qtunet_monai.bundle.PRESETS; an explicit override of a key wins
-        "preset": task.preset,
+        "preset": recipe.preset,
         **{key: f"$qtunet_bundle.preset(@preset)[{key!r}]" for key in PRESET_NETWORK_KEYS},
         # UCTransNet's channel-wise skips: --skip cct --cct_preset lite (or full); null: the architecture's
         # own (concat; cct for the -CCT architectures)
@@ -176,15 +180,15 @@ def _common(task: Task) -> dict:
         "gpu_device": "$qtunet_bundle.local_gpu()",
         "device": "$qtunet_bundle.process_device(@gpu_device if torch.cuda.is_available() else 'cpu')",
         "amp": "$torch.device(@device).type == 'cuda'",
-        "in_channels": task.in_channels,
-        "num_classes": task.num_classes,
-        "roi_size": list(task.roi_size),
+        "in_channels": task.source.in_channels,
+        "num_classes": task.source.num_classes,
+        "roi_size": list(task.recipe.roi_size),
         "intensity_limit": 1e6,
     }
-    if task.pixdim:
-        config["pixdim"] = list(task.pixdim)
-    config.update(task.intensity.config())
-    config.update({"architecture": task.architecture, "variant": task.variant})
+    if task.source.pixdim:
+        config["pixdim"] = list(task.source.pixdim)
+    config.update(task.source.intensity.config())
+    config.update({"architecture": task.recipe.architecture, "variant": task.recipe.variant})
     return config
 
 
@@ -192,7 +196,7 @@ def _network_def(task: Task, train: bool) -> dict:
     net = {"_target_": "qtunet_monai.bundle.build_network", "name": "@architecture",
            "in_channels": "@in_channels", "out_channels": "@num_classes", "roi_size": "@roi_size",
            "variant": "@variant"}
-    if task.pixdim:
+    if task.source.pixdim:
         net["pixdim"] = "@pixdim"
     # the auxiliary heads exist in inference too, so that a deep-supervised checkpoint loads (eval mode
     # returns the main output only)
@@ -200,7 +204,7 @@ def _network_def(task: Task, train: bool) -> dict:
                 "detail_widths": "@detail_widths", "skip": "@skip", "cct_preset": "@cct_preset",
                 "router": "@router", "capacity": "@capacity", "router_sites": "@router_sites"})
     if train:
-        net["drop_path_rate"] = task.drop_path_rate
+        net["drop_path_rate"] = task.recipe.drop_path_rate
     net["use_checkpoint"] = False
     return net
 
@@ -252,55 +256,22 @@ def _lazy(expression: str) -> str:
     return f"$qtunet_bundle.lazy(lambda: {expression[1:]})"
 
 
-def train_config(task: Task) -> dict:
-    config = _common(task)
-    config.update({
-        "label_values": list(task.label_values),
-        "max_epochs": task.max_epochs,
-        "val_interval": task.val_interval,
-        "learning_rate": task.learning_rate,
-        "weight_decay": task.weight_decay,
-        "batch_size": task.batch_size,
-        "num_samples": task.num_samples,
-        "num_workers": task.num_workers,
-        "cache_rate": task.cache_rate,
-        "check_data": True,
-        "resume": False,
-        "finetune": False,
-        "finetune_checkpoint": "$@ckpt_dir + '/pretrained.pt'",
-        "imagenet_init": False,
-        "imagenet_checkpoint": "$@ckpt_dir + '/swin_tiny_patch4_window7_224.pth'",
-        "network_def": _network_def(task, train=True),
-        "network": "$@network_def.to(@device)",
-        **_compiled_network(),
-        **_options(task),
-        **{key: f"$qtunet_bundle.preset(@preset)[{key!r}]" for key in PRESET_RECIPE_KEYS},
-        "seed": 123,
-        # wall-time budget in minutes (0: none): the run stops at the epoch end before it would overrun
-        "time_budget_min": 0,
-    })
-    config["loss"] = pipeline.loss(task.sigmoid, task.void)
-    # nnU-Net's weights 1, 1/2, 1/4, ... over the outputs, finest first; MONAI shrinks the labels to each
-    # output's size (nearest-exact, so label values and regions stay labels)
-    config["training_loss"] = "$monai.losses.DeepSupervisionLoss(@loss, weight_mode='exp') if @deep_supervision else @loss"
-    config["optimizer"] = {"_target_": "$'torch.optim.' + @optimizer_name", "params": PARAM_GROUPS,
-                           "lr": "@learning_rate", "weight_decay": "@weight_decay"}
-    # cosine annealing per epoch, after a linear warm-up of @warmup_epochs (0: the thesis' plain cosine)
-    config["lr_scheduler"] = ("$monai.optimizers.WarmupCosineSchedule(@optimizer, warmup_steps=@warmup_epochs, "
-                              "t_total=@max_epochs) if @warmup_epochs else torch.optim.lr_scheduler.CosineAnnealingLR("
-                              "@optimizer, T_max=@max_epochs)")
-    checked = ("$qtunet_bundle.check_cases(@{split}#datalist, @in_channels, label_values=@label_values, "
-               "check_values=@check_data, spatial_dims={dims}, intensity_limit=@intensity_limit)")
+# ------------------------------------------------------------------- training machinery shared with tools/
+# generate_reconstruction_bundle.py (one definition of the engines' handlers, schedule and checkpoints)
+#: cosine annealing per epoch, after a linear warm-up of @warmup_epochs (0: the thesis' plain cosine)
+LR_SCHEDULER = ("$monai.optimizers.WarmupCosineSchedule(@optimizer, warmup_steps=@warmup_epochs, "
+                "t_total=@max_epochs) if @warmup_epochs else torch.optim.lr_scheduler.CosineAnnealingLR("
+                "@optimizer, T_max=@max_epochs)")
+
+
+def train_section(loss: str) -> dict:
+    """The ``train`` section's data loader, inferer, handlers and trainer (the caller adds data and transforms).
+
+    Args:
+        loss: the trainer's loss function (a config reference).
+    """
     loss_out = "$monai.handlers.from_engine(['loss'], first=True)"
-    config["train"] = {
-        "datalist": "$qtunet_bundle.load_fold(@datalist_file, 'training', @fold, @num_folds, @fold_seed)",
-        "deterministic_transforms": deterministic_transforms(task, with_label=True),
-        "random_transforms": pipeline.random_transforms(task.crop, task.augment)
-        + pipeline.extra_augmentation(task.spatial_dims, task.modality),
-        "preprocessing": {"_target_": "Compose",
-                          "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
-        "dataset": {"_target_": "CacheDataset", "data": checked.format(split="train", dims=task.spatial_dims),
-                    "transform": "@train#preprocessing", "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
+    return {
         "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                        "shuffle": True, "num_workers": "@num_workers"},
         "inferer": {"_target_": "SimpleInferer"},
@@ -319,39 +290,133 @@ def train_config(task: Task) -> dict:
         ],
         "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
                     "train_data_loader": "@train#dataloader", "network": "@network", **_ENGINE_COMPILE,
-                    "loss_function": "@training_loss",
-                    "optimizer": "@optimizer", "inferer": "@train#inferer", "train_handlers": "@train#handlers",
-                    "amp": "@amp"},
+                    "loss_function": loss, "optimizer": "@optimizer", "inferer": "@train#inferer",
+                    "train_handlers": "@train#handlers", "amp": "@amp"},
+    }
+
+
+def validation_handlers() -> list[dict]:
+    """The validator's handlers: logs and the best model written to ``@ckpt_file``."""
+    return [
+        {"_target_": "StatsHandler", "iteration_log": False},
+        {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
+        {"_target_": "qtunet_monai.bundle.BestModelSaver", "path": "@ckpt_file", "network": "@network"},
+    ]
+
+
+def validation_evaluator(inferer: str) -> dict:
+    """The ``validate`` section's ``SupervisedEvaluator``.
+
+    Args:
+        inferer: its inferer (a config reference or expression).
+    """
+    return {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
+            "network": "@network", **_ENGINE_COMPILE, "inferer": inferer,
+            "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
+            "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
+            "amp": "@amp"}
+
+
+def resume_checkpoint(path: str) -> dict:
+    """``--resume True``: network, optimiser, schedule and validation state, written atomically every epoch.
+
+    Args:
+        path: the checkpoint's path expression.
+    """
+    return {"_target_": "qtunet_monai.bundle.ResumeCheckpoint", "path": path, "network": "@network",
+            "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
+            "evaluator": "@validate#evaluator"}
+
+
+def checkpoint_loader() -> dict:
+    """Evaluation and inference load ``@ckpt_file`` into the network."""
+    return {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
+            "map_location": "@device"}
+
+
+def evaluation_handlers(metric_names: list[str]) -> list[dict]:
+    """evaluate.json's handlers: the model, logs, per-case inference times and metrics (``eval/*_raw.csv``).
+
+    Args:
+        metric_names: the metrics ``MetricsSaver`` writes (``inference_time`` last).
+    """
+    return [
+        checkpoint_loader(),
+        {"_target_": "StatsHandler", "iteration_log": False},
+        # before the MetricsSaver, which writes its per-case times (inference_time_raw.csv)
+        {"_target_": "qtunet_monai.bundle.InferenceTimer", "name": "inference_time"},
+        {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": metric_names,
+         "metric_details": metric_names, "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
+         "summary_ops": "*"},
+    ]
+
+
+def train_config(task: Task) -> dict:
+    source, recipe = task.source, task.recipe
+    config = _common(task)
+    config.update({
+        "label_values": list(source.label_values),
+        "max_epochs": recipe.max_epochs,
+        "val_interval": recipe.val_interval,
+        "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay,
+        "batch_size": recipe.batch_size,
+        "num_samples": recipe.num_samples,
+        "num_workers": recipe.num_workers,
+        "cache_rate": recipe.cache_rate,
+        "check_data": True,
+        "resume": False,
+        "finetune": False,
+        "finetune_checkpoint": "$@ckpt_dir + '/pretrained.pt'",
+        "imagenet_init": False,
+        "imagenet_checkpoint": "$@ckpt_dir + '/swin_tiny_patch4_window7_224.pth'",
+        "network_def": _network_def(task, train=True),
+        "network": "$@network_def.to(@device)",
+        **_compiled_network(),
+        **_options(task),
+        **{key: f"$qtunet_bundle.preset(@preset)[{key!r}]" for key in PRESET_RECIPE_KEYS},
+        "seed": 123,
+        # wall-time budget in minutes (0: none): the run stops at the epoch end before it would overrun
+        "time_budget_min": 0,
+    })
+    config["loss"] = pipeline.loss(source.sigmoid, source.void)
+    # nnU-Net's weights 1, 1/2, 1/4, ... over the outputs, finest first; MONAI shrinks the labels to each
+    # output's size (nearest-exact, so label values and regions stay labels)
+    config["training_loss"] = "$monai.losses.DeepSupervisionLoss(@loss, weight_mode='exp') if @deep_supervision else @loss"
+    config["optimizer"] = {"_target_": "$'torch.optim.' + @optimizer_name", "params": PARAM_GROUPS,
+                           "lr": "@learning_rate", "weight_decay": "@weight_decay"}
+    config["lr_scheduler"] = LR_SCHEDULER
+    checked = ("$qtunet_bundle.check_cases(@{split}#datalist, @in_channels, label_values=@label_values, "
+               "check_values=@check_data, spatial_dims={dims}, intensity_limit=@intensity_limit)")
+    config["train"] = {
+        "datalist": "$qtunet_bundle.load_fold(@datalist_file, 'training', @fold, @num_folds, @fold_seed)",
+        "deterministic_transforms": deterministic_transforms(task, with_label=True),
+        "random_transforms": pipeline.random_transforms(recipe.crop, recipe.augment)
+        + pipeline.extra_augmentation(source.spatial_dims, source.modality),
+        "preprocessing": {"_target_": "Compose",
+                          "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
+        "dataset": {"_target_": "CacheDataset", "data": checked.format(split="train", dims=source.spatial_dims),
+                    "transform": "@train#preprocessing", "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
+        **train_section("@training_loss"),
     }
     config["validate"] = {
         "split": "validation",
         "datalist": "$qtunet_bundle.load_fold(@datalist_file, @validate#split, @fold, @num_folds, @fold_seed)",
         "preprocessing": {"_target_": "Compose", "transforms": "%train#deterministic_transforms"},
-        "dataset": {"_target_": "CacheDataset", "data": checked.format(split="validate", dims=task.spatial_dims),
+        "dataset": {"_target_": "CacheDataset", "data": checked.format(split="validate", dims=source.spatial_dims),
                     "transform": "@validate#preprocessing", "cache_rate": "@cache_rate",
                     "num_workers": "@num_workers"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": "@num_workers"},
         "inferer": _sliding_window(task),
-        "postprocessing": {"_target_": "Compose", "transforms": [pipeline.activation(task.sigmoid),
-                                                                  *pipeline.discretise(task.sigmoid, task.void)]},
-        "handlers": [
-            {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-            {"_target_": "qtunet_monai.bundle.BestModelSaver", "path": "@ckpt_file", "network": "@network"},
-        ],
+        "postprocessing": {"_target_": "Compose", "transforms": [pipeline.activation(source.sigmoid),
+                                                                  *pipeline.discretise(source.sigmoid, source.void)]},
+        "handlers": validation_handlers(),
         "key_metric": dict(list(_metrics(task).items())[:1]),
         "additional_metrics": dict(list(_metrics(task).items())[1:]),
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@network", **_ENGINE_COMPILE, "inferer": _tta(task, "@validate#inferer"),
-                      "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
-                      "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
-                      "amp": "@amp"},
+        "evaluator": validation_evaluator(_tta(task, "@validate#inferer")),
     }
-    config["resume_checkpoint"] = {"_target_": "qtunet_monai.bundle.ResumeCheckpoint",
-                                   "path": "$@model_dir + '/resume.pt'", "network": "@network",
-                                   "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "resume": "@resume",
-                                   "evaluator": "@validate#evaluator"}
+    config["resume_checkpoint"] = resume_checkpoint("$@model_dir + '/resume.pt'")
     config["initialize"] = [
         "$monai.utils.set_determinism(seed=@seed)",
         "$qtunet_bundle.check_writable(@output_dir)",
@@ -377,20 +442,11 @@ def evaluate_config(task: Task) -> dict:
               "orig_keys": "image", "nearest_interp": [False, True], "to_tensor": True}
     metric_names = [*_metrics(task), "inference_time"]
     return {
-        "validate#split": task.eval_split,
+        "validate#split": task.source.eval_split,
         "validate#postprocessing": {"_target_": "Compose",
-                                    "transforms": [pipeline.activation(task.sigmoid), invert,
+                                    "transforms": [pipeline.activation(task.source.sigmoid), invert,
                                                    *_save_label_map(task, True)]},
-        "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
-             "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-            # before the MetricsSaver, which writes its per-case times (inference_time_raw.csv)
-            {"_target_": "qtunet_monai.bundle.InferenceTimer", "name": "inference_time"},
-            {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": metric_names,
-             "metric_details": metric_names, "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
-             "summary_ops": "*"},
-        ],
+        "validate#handlers": evaluation_handlers(metric_names),
         "validate#dataset#data": checked_for_prediction(task, "@validate#datalist", with_label=True),
         "trained": TRAINED,
         "initialize": [CHECK_MODEL_SETTINGS, "$setattr(torch.backends.cudnn, 'benchmark', True)",
@@ -406,15 +462,16 @@ def checked_for_prediction(task: Task, datalist: str, with_label: bool) -> str:
     labels = ", label_values=@label_values" if with_label else ""
     skip = "" if with_label else ", skip_bad=@skip_bad_cases"
     return (f"$qtunet_bundle.check_cases({datalist}, @in_channels{labels}, check_values=@check_data, "
-            f"spatial_dims={task.spatial_dims}, intensity_limit=@intensity_limit, unique_names=True{skip})")
+            f"spatial_dims={task.source.spatial_dims}, intensity_limit=@intensity_limit, unique_names=True{skip})")
 
 
 def inference_config(task: Task) -> dict:
+    source = task.source
     config = _common(task)
     config.update({
         # --input_dir some/folder: every image of the folder instead of the data list's 'testing' cases
         "input_dir": None,
-        "datalist": (f"$qtunet_bundle.folder_datalist(@input_dir, @in_channels, {task.spatial_dims}) if @input_dir "
+        "datalist": (f"$qtunet_bundle.folder_datalist(@input_dir, @in_channels, {source.spatial_dims}) if @input_dir "
                      "else qtunet_bundle.load_datalist(@datalist_file, 'testing')"),
         "network_def": _network_def(task, train=False),
         "network": "$@network_def.to(@device)",
@@ -430,16 +487,12 @@ def inference_config(task: Task) -> dict:
                        "num_workers": 0},
         "inferer": _sliding_window(task),
         "postprocessing": {"_target_": "Compose", "transforms": [
-            pipeline.activation(task.sigmoid),
+            pipeline.activation(source.sigmoid),
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
             *_save_label_map(task, False),
         ]},
-        "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
-             "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-        ],
+        "handlers": [checkpoint_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", **_ENGINE_COMPILE, "inferer": _tta(task, "@inferer"),
                       "postprocessing": "@postprocessing",
@@ -456,9 +509,10 @@ def inference_config(task: Task) -> dict:
 def ensemble_config(task: Task) -> dict:
     """Overlay of inference.json: predict with the mean probability of the ``@num_folds`` fold models
     (``models/fold<k>/model.pt``, trained with ``--fold k``)."""
+    source = task.source
     checkpoints = "[@ckpt_dir + f'/fold{k}/model.pt' for k in range(@num_folds)]"
     return {
-        "network": f"$qtunet_bundle.FoldEnsemble(@network_def, {checkpoints}, sigmoid={task.sigmoid}).to(@device)",
+        "network": f"$qtunet_bundle.FoldEnsemble(@network_def, {checkpoints}, sigmoid={source.sigmoid}).to(@device)",
         "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],  # the members load their own weights
         # the folds share one set of settings: the first fold's
         "settings_file": "$@ckpt_dir + '/fold0/settings.json'",
@@ -518,7 +572,7 @@ def multi_gpu_config(task: Task) -> dict:
 
 def pretrain_config(task: Task) -> dict:
     """Self-supervised pre-training of the encoder on the task's images (labels ignored), docs/architecture.md section 4."""
-    recipe = task.pretrain
+    recipe = task.recipe.pretrain
     config = _common(task)
     for key in ("num_classes", "architecture", "ckpt_file"):
         config.pop(key)
@@ -537,13 +591,13 @@ def pretrain_config(task: Task) -> dict:
         "val_fraction": 0.1,
         "val_max_cases": 100,
         "val_interval": 1,
-        "num_workers": task.num_workers,
-        "cache_rate": task.cache_rate,
+        "num_workers": task.recipe.num_workers,
+        "cache_rate": task.recipe.cache_rate,
         "check_data": True,
         "resume": False,
         "encoder_file": "$@ckpt_dir + '/pretrained.pt'",
         "network_def": {"_target_": "qtunet_monai.ssl.QTUNetSSL", "in_channels": "@in_channels",
-                        "roi_size": "@roi_size", "spatial_dims": task.spatial_dims, "variant": "@variant",
+                        "roi_size": "@roi_size", "spatial_dims": task.source.spatial_dims, "variant": "@variant",
                         "merge_depth": True},
         "network": "$@network_def.to(@device)",
         "optimizer": {"_target_": "torch.optim.Adam", "params": PARAM_GROUPS, "lr": "@learning_rate",
@@ -565,7 +619,7 @@ def pretrain_config(task: Task) -> dict:
         ],
         "dataset": {"_target_": "CacheDataset",
                     "data": f"$qtunet_bundle.check_cases(@pretrain#datalist, @in_channels, check_values=@check_data, "
-                            f"spatial_dims={task.spatial_dims}, intensity_limit=@intensity_limit)",
+                            f"spatial_dims={task.source.spatial_dims}, intensity_limit=@intensity_limit)",
                     "transform": {"_target_": "Compose", "transforms": "@pretrain#transforms"},
                     "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@pretrain#dataset", "batch_size": "@batch_size",
@@ -591,7 +645,7 @@ def pretrain_config(task: Task) -> dict:
         "dataset": {"_target_": "CacheDataset",
                     # a one-case pre-training list holds nothing out: no validation (check_cases refuses empty lists)
                     "data": f"$qtunet_bundle.check_cases(@validate#datalist, @in_channels, check_values=@check_data, "
-                            f"spatial_dims={task.spatial_dims}) if @validate#datalist else []",
+                            f"spatial_dims={task.source.spatial_dims}) if @validate#datalist else []",
                     "transform": {"_target_": "Compose", "transforms": "@pretrain#transforms"},
                     "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": "@batch_size",
@@ -629,22 +683,23 @@ def multi_gpu_pretrain_config(task: Task) -> dict:
 
 
 def metadata(task: Task) -> dict:
+    source, recipe = task.source, task.recipe
     packages = {k: VERSIONS[k] for k in ("qtunet_monai", "nibabel", "pytorch-ignite", "tensorboard", "tqdm")}
-    if task.spatial_dims == 2:
+    if source.spatial_dims == 2:
         packages["pillow"] = VERSIONS["pillow"]
-    packages.update({name: VERSIONS[name] for name in task.extra_packages})
-    channel_names = {str(i): c for i, c in enumerate(task.channels)}
-    classes = {str(i): c for i, c in enumerate(task.classes)}
-    activation = "sigmoid, one channel per overlapping region" if task.sigmoid else "softmax"
-    label = "" if task.pretraining_only else (f"single channel, label values {list(task.label_values)}; converted to the regions "
-             + ", ".join(f"{c} = {list(r)}" for c, r in zip(task.classes, task.regions))) if task.sigmoid else (
-        f"single channel, label ids mapped to {task.num_classes} classes (0 void, ignored)" if task.label_map else
-        "single channel: " + ", ".join(f"{i} {c}" for i, c in enumerate(task.classes)))
-    image_format = {"MR": "magnitude", "CT": "hounsfield", "RGB": "RGB"}[task.modality]
+    packages.update({name: VERSIONS[name] for name in task.docs.extra_packages})
+    channel_names = {str(i): c for i, c in enumerate(source.channels)}
+    classes = {str(i): c for i, c in enumerate(source.classes)}
+    activation = "sigmoid, one channel per overlapping region" if source.sigmoid else "softmax"
+    label = "" if task.pretraining_only else (f"single channel, label values {list(source.label_values)}; converted to the regions "
+             + ", ".join(f"{c} = {list(r)}" for c, r in zip(source.classes, source.regions))) if source.sigmoid else (
+        f"single channel, label ids mapped to {source.num_classes} classes (0 void, ignored)" if source.label_map else
+        "single channel: " + ", ".join(f"{i} {c}" for i, c in enumerate(source.classes)))
+    image_format = {"MR": "magnitude", "CT": "hounsfield", "RGB": "RGB"}[source.modality]
     meta = {
         "schema": SCHEMA_URL,
-        "version": task.version,
-        "changelog": {task.version: task.changelog},
+        "version": task.docs.version,
+        "changelog": {task.docs.version: task.docs.changelog},
         "monai_version": VERSIONS["monai"],
         "pytorch_version": VERSIONS["pytorch"],
         "numpy_version": VERSIONS["numpy"],
@@ -655,30 +710,30 @@ def metadata(task: Task) -> dict:
         "description": task.description_text,
         "authors": "qtunet_monai contributors",
         "copyright": "Copyright (c) qtunet_monai contributors",
-        "data_source": task.data_source,
-        "data_type": "png" if task.spatial_dims == 2 else "nibabel",
-        "image_classes": f"{task.in_channels} channel(s): " + ", ".join(task.channels),
+        "data_source": source.origin,
+        "data_type": "png" if source.spatial_dims == 2 else "nibabel",
+        "image_classes": f"{source.in_channels} channel(s): " + ", ".join(source.channels),
         "label_classes": label,
-        "pred_classes": f"{task.num_classes} channels ({activation}): " + ", ".join(
-            f"{i} {c}" for i, c in enumerate(task.classes)),
+        "pred_classes": f"{source.num_classes} channels ({activation}): " + ", ".join(
+            f"{i} {c}" for i, c in enumerate(source.classes)),
         # only a result measured with this package (the demo); the thesis' figures are in docs/README.md
-        "eval_metrics": dict(task.eval_metrics),
-        "intended_use": task.intended_use,
-        "references": list(task.references),
+        "eval_metrics": dict(task.docs.eval_metrics),
+        "intended_use": task.docs.intended_use,
+        "references": list(task.docs.references),
         "network_data_format": {
             "inputs": {"image": {
-                "type": "image", "format": image_format, "modality": task.modality, "num_channels": task.in_channels,
-                "spatial_shape": list(task.roi_size), "dtype": "float32", "value_range": [], "is_patch_data": True,
+                "type": "image", "format": image_format, "modality": source.modality, "num_channels": source.in_channels,
+                "spatial_shape": list(recipe.roi_size), "dtype": "float32", "value_range": [], "is_patch_data": True,
                 "channel_def": channel_names}},
             "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": task.num_classes,
-                "spatial_shape": list(task.roi_size), "dtype": "float32", "value_range": [0, 1],
+                "type": "image", "format": "segmentation", "num_channels": source.num_classes,
+                "spatial_shape": list(recipe.roi_size), "dtype": "float32", "value_range": [0, 1],
                 "is_patch_data": True, "channel_def": classes}},
         },
     }
     if task.pretraining_only:  # the product is an encoder; the network's output is the reconstruction
         meta["network_data_format"]["outputs"]["pred"].update(
-            {"format": image_format, "num_channels": task.in_channels, "value_range": [], "channel_def": channel_names})
+            {"format": image_format, "num_channels": source.in_channels, "value_range": [], "channel_def": channel_names})
         meta.update({"label_classes": "none: self-supervised",
                      "pred_classes": "reconstruction of the input (pre-training head); the product is the encoder "
                                      "in models/pretrained.pt"})
@@ -688,226 +743,104 @@ def metadata(task: Task) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- docs
-def docs_readme(task: Task) -> str:
-    roi = " x ".join(map(str, task.roi_size))
-    spacing = f"resampled to {' x '.join(map(str, task.pixdim))} mm, " if task.pixdim else ""
-    intensity = task.intensity.describe()
-    crop = task.crop.describe()
+#: the README templates (``string.Template``: ``${name}`` placeholders, ``$$`` for a literal dollar sign)
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def render_template(name: str, sections: dict[str, object]) -> str:
+    """``tools/templates/<name>`` with every ``${placeholder}`` filled from ``sections``.
+
+    Args:
+        name: the template file under ``tools/templates``.
+        sections: placeholder -> value (``str()`` of it is inserted).
+
+    Raises:
+        KeyError: a placeholder of the template has no value in ``sections``.
+    """
+    return string.Template((TEMPLATES / name).read_text()).substitute(sections)
+
+
+def _shared_sections(task: Task) -> dict[str, object]:
+    """The placeholders both README templates have: names, data, intensity, pre-training, result, references."""
+    return {
+        "title": task.title,
+        "description": task.description,
+        "data": task.data,
+        "download": task.source.download,
+        "intensity": task.source.intensity.describe(),
+        "pretrain": task.recipe.pretrain.describe(),
+        "thesis_result": task.docs.thesis_result,
+        "references": "\n".join(f"- {r}" for r in task.docs.references),
+    }
+
+
+def readme_sections(task: Task) -> dict[str, object]:
+    """The placeholders of ``tools/templates/bundle_README.md`` for a segmentation task."""
+    source, recipe = task.source, task.recipe
     outputs = ("sigmoid outputs, one per overlapping region: " + ", ".join(
-        f"{c} = labels {list(r)}" for c, r in zip(task.classes, task.regions)) if task.sigmoid
-        else "softmax over " + ", ".join(f"{i} {c}" for i, c in enumerate(task.classes)))
-    metrics = "mean Dice (background excluded)" + (", HD95 in mm (voxels are 1 mm)" if task.hd95 else "") + (
-        ", mean IoU (MONAI's MeanIoU: per image over the classes present, then averaged)" if task.iou else "")
-    fake_dir = "fake_data"
-    prediction = "PNG label images of class ids" if task.spatial_dims == 2 else "NIfTI label maps with the input's geometry"
-    if task.sigmoid:
+        f"{c} = labels {list(r)}" for c, r in zip(source.classes, source.regions)) if source.sigmoid
+        else "softmax over " + ", ".join(f"{i} {c}" for i, c in enumerate(source.classes)))
+    metrics = "mean Dice (background excluded)" + (", HD95 in mm (voxels are 1 mm)" if recipe.hd95 else "") + (
+        ", mean IoU (MONAI's MeanIoU: per image over the classes present, then averaged)" if recipe.iou else "")
+    prediction = ("PNG label images of class ids" if source.spatial_dims == 2
+                  else "NIfTI label maps with the input's geometry")
+    if source.sigmoid:
         prediction += " (regions painted back to the data set's label values)"
-    note = f"\n{task.docs_note}\n" if task.docs_note else ""
     void = ("\nVoid pixels (class 0) are left out of the loss (`VoidMaskedDiceLoss`) and of the metrics "
-            "(`MaskVoidd`); the thesis trained on them and regretted it (its section 6.2.2).\n" if task.void else "")
-    arch_2d = task.spatial_dims == 2
-    ablation = "QT-UNet-2D-A" if arch_2d else "QT-UNet-A`, `VT-UNet` or `VT-UNet-A"
-    return f"""# {task.title}
+            "(`MaskVoidd`); the thesis trained on them and regretted it (its section 6.2.2).\n" if source.void else "")
+    arch_2d = source.spatial_dims == 2
+    return {
+        **_shared_sections(task),
+        "architecture": recipe.architecture,
+        "label_values": list(source.label_values),
+        "in_channels": source.in_channels,
+        "channels": ", ".join(source.channels),
+        "spacing": f"resampled to {' x '.join(map(str, source.pixdim))} mm, " if source.pixdim else "",
+        "crop": recipe.crop.describe(),
+        "roi": " x ".join(map(str, recipe.roi_size)),
+        "roi_list": ", ".join(map(str, recipe.roi_size)),
+        "batch_size": recipe.batch_size,
+        "max_epochs": recipe.max_epochs,
+        "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay,
+        "drop_path_rate": recipe.drop_path_rate,
+        "outputs": outputs,
+        "val_interval": recipe.val_interval,
+        "sw_overlap": pipeline.SW_OVERLAP,
+        "sw_mode": pipeline.SW_MODE,
+        "metrics": metrics,
+        "note": f"\n{task.docs.note}\n" if task.docs.note else "",
+        "void": void,
+        "eval_split": source.eval_split,
+        "prediction": prediction,
+        "image_ext": ".png" if arch_2d else ".nii.gz",
+        "variant": recipe.variant,
+        "ablation": "QT-UNet-2D-A" if arch_2d else "QT-UNet-A`, `VT-UNet` or `VT-UNet-A",
+        "preset": recipe.preset,
+        "other_preset": "accurate" if recipe.preset == "thesis" else "thesis",
+        "detail_widths": PRESETS["accurate"]["detail_widths"],
+        "spatial_dims": source.spatial_dims,
+        "num_flips": 2 ** source.spatial_dims,
+        "keep_largest_unit": "region channel" if source.sigmoid else "class",
+        "keep_largest_labels": _options(task)["keep_largest_labels"],
+        "bias_field": " and bias field" if source.modality == "MR" else "",
+    }
 
-{task.description}, with {task.architecture} (Querying Transformer UNet, `qtunet_monai`), following the
-recipe of the QT-UNet thesis. This bundle was generated from `qtunet_monai/tasks.py`
-(`python tools/generate_bundles.py` in the repository); edit the task there to change all of its configs at once,
-or edit the files here for a local experiment.
 
-## Data
-{task.data_docs}
+def pretraining_sections(task: Task) -> dict[str, object]:
+    """The placeholders of ``tools/templates/pretraining_README.md`` for a pre-training-only task."""
+    return {**_shared_sections(task), "spacing": task.source.pixdim[0],
+            "roi": " x ".join(map(str, task.recipe.pretrain.roi_size))}
 
-Then write the bundle's data list (absolute paths):
 
-```bash
-python -m qtunet_monai prepare_data {task.data} /path/to/download --output_file data/datalist.json
-```
-
-No data set at hand? Write a tiny fake one in the official layout and use it the same way (only for
-checking that everything runs; it has the right channels, label values and file names, nothing else):
-
-```bash
-python -m qtunet_monai fake_data {task.data} /tmp/{fake_dir}
-python -m qtunet_monai prepare_data {task.data} /tmp/{fake_dir} --output_file data/datalist.json
-```
-
-Every case is checked before training, evaluation and inference start (`--check_data False` reads
-headers only): missing, unreadable or truncated files, wrong channel counts or dimensions, image/label
-shape mismatches, a label whose orientation, spacing or origin differs from its image's (headers compared), NaN, infinite or extreme intensities (beyond `--intensity_limit`, 1e6), label values
-outside {list(task.label_values)} and two inputs whose predictions would get the same name stop the run
-with one line per problem naming the file; `--skip_bad_cases True` (inference) leaves bad cases out and
-lists them instead. A NaN or infinite loss stops training naming the iteration and the batch's files,
-and no checkpoint with non-finite weights is ever written. Set `QTUNET_MONAI_DEBUG=1` to see the full
-traceback behind such a message.
-
-## Pipeline
-- Input: {task.in_channels} channel(s) ({", ".join(task.channels)}); {spacing}{intensity}.
-- Training: {crop} of {roi}, batch {task.batch_size}, {task.max_epochs} epochs, Adam (lr {task.learning_rate},
-  weight decay {task.weight_decay}, not on relative-position bias tables, norms and biases), cosine annealing,
-  drop path {task.drop_path_rate}, Dice loss.
-- Output: {outputs}.
-- Validation every {task.val_interval} epochs: sliding window {roi}, overlap {pipeline.SW_OVERLAP}, {pipeline.SW_MODE} blending;
-  {metrics}; the best model is saved as `models/model.pt`.
-{note}{void}
-## Commands
-Run from this folder. CPU works (slowly); a GPU is used when present (AMP on).
-
-```bash
-# train (validation every {task.val_interval} epochs, TensorBoard logs in eval/)
-python -m monai.bundle run --config_file configs/train.json
-# resume a killed or stopped run from models/resume.pt (written atomically every epoch)
-python -m monai.bundle run --config_file configs/train.json --resume True
-# initialise from a (pre-training) checkpoint; loaded, missing and unexpected keys are reported
-python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint /path/to/checkpoint.pt
-# several GPUs (NCCL; gloo on CPU); each process uses cuda:<LOCAL_RANK> of its node, so the same command
-# runs on every node of a multi-node job (--nnodes N --node_rank i --master_addr ...); --device cpu: gloo on CPU
-torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
-    --config_file "['configs/train.json','configs/multi_gpu_train.json']"
-# evaluate models/model.pt on the '{task.eval_split}' split: per-case metrics and predictions in eval/
-python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']"
-# predict the 'testing' split ({prediction}, in eval/)
-python -m monai.bundle run --config_file configs/inference.json
-# TorchScript (traced at the metadata's spatial_shape)
-python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
-    --meta_file configs/metadata.json --config_file configs/inference.json --use_trace True \\
-    --input_shape "[1, {task.in_channels}, {", ".join(map(str, task.roi_size))}]"
-```
-
-Predict other files: `--datalist "[{{'image': '/path/to/case{'.png' if arch_2d else '.nii.gz'}'}}]"`.
-Another model: `--ckpt_dir /path/to/models` (its `model.pt`) or `--ckpt_file /path/to/model.pt`, for
-training (where the best model is written), evaluation and inference alike.
-
-## Self-supervised pre-training (labels ignored)
-```bash
-python -m monai.bundle run --config_file configs/pretrain.json     # writes models/pretrained.pt (the encoder)
-python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint models/pretrained.pt
-```
-`configs/pretrain.json` pre-trains the encoder on this task's images (reconstruction of cut-out
-views, rotation classes, BYOL; {task.pretrain.describe()}). The BYOL target moves
-once per optimiser step. A fixed tenth of the training images (at most 100, `val_fraction`,
-`val_max_cases`) is held out: their losses are logged every `val_interval` epochs as `val_loss*`.
-Each loss and a collapse signal go to TensorBoard, and a warning names the epoch if the projections
-collapse or if the reconstruction and rotation losses jump while the BYOL loss stays low (the collapse
-the thesis saw). Several GPUs: `torchrun ... --config_file
-"['configs/pretrain.json','configs/multi_gpu_pretrain.json']"`. Out-of-task pre-training:
-`bundles/qtunet_ctssl_pretraining` (CT) and `bundles/qtunet_mrissl_pretraining` (MRI).
-
-## Variants and the thesis' ablations
-`--variant small` or `--variant base` (default `{task.variant}`); `--architecture {ablation}`
-for the ablations of the thesis. Give the same overrides to every command of a run. Memory:
-`--network_def#use_checkpoint True` trades compute for activation memory. `--compile True` runs
-training, validation and inference through `torch.compile(network, dynamic=False)`: the first steps
-compile, then one static recompilation per new input size (training and sliding-window inference see
-one size); checkpoints are unchanged. ImageNet initialisation of
-the encoder, as the thesis did for Base: `--variant base --imagenet_init True --imagenet_checkpoint
-/path/to/swin_tiny_patch4_window7_224.pth` (a Swin-T file you supply, timm or official names;
-inflated to 3D, nothing is downloaded).
-
-## Presets: the thesis' recipe or the accurate one
-`--preset {"accurate" if task.preset == "thesis" else "thesis"}` (default `{task.preset}`), given to every command of a run, sets the network
-options and training recipe of `qtunet_monai.bundle.PRESETS` at once; an explicit override of one of
-its keys still wins. `thesis` is the thesis' network and recipe. `accurate` adds the full-resolution
-detail path (`--detail_widths "{PRESETS["accurate"]["detail_widths"]}"`: residual conv blocks at full and 1/2
-resolution, a conv decoder step from the last transformer stage to the input grid, SwinUNETR's
-`encoder1`/`decoder1` role). It was chosen by validation Dice in an accuracy campaign on the demo
-bundle only (`benchmarks/demo_options.py`, table in the demo bundle's docs), not on this task: the
-task's spacing, ROI, learning rate and epochs stay as above. `--time_budget_min M` ends training
-at the last epoch end within M minutes of wall time (validated, best model kept; the record with every
-validation's time and Dice goes to `eval/training_time.json`); `--seed N` changes the random seed.
-
-## Baselines, inference options and cross-validation
-Off by default (the thesis' recipe); each is one switch, given to every command of a run.
-
-| override | effect |
-|---|---|
-| `--architecture SwinUNETR` (`UNETR`, `SegResNet`, `DynUNet`) | MONAI's network in this same pipeline (data, loss, schedule, metrics unchanged): SwinUNETR feature size 48, UNETR feature size 16, SegResNet 16 filters, DynUNet with nnU-Net's kernels and strides for the ROI and spacing; inputs zero-padded inside the network to the size it needs (SwinUNETR and UNETR need `pip install "qtunet_monai[baselines]"`) |
-| `--tta True` | mean probability over all {2 ** task.spatial_dims} flips of the {task.spatial_dims} spatial axes (validation, evaluation, inference) |
-| `--keep_largest True` | keep the largest connected component of each {"region channel" if task.sigmoid else "class"} in `--keep_largest_labels "{_options(task)["keep_largest_labels"]}"` in the saved prediction, scored so by evaluation (MONAI's `KeepLargestConnectedComponentd`; on CPU it needs `pip install "qtunet_monai[postprocessing]"`) |
-| `--deep_supervision True` | auxiliary heads on the decoder stages (QT-UNet family, DynUNet), trained with MONAI's `DeepSupervisionLoss` (weights 1, 1/2, 1/4, ... finest first, labels shrunk nearest-exact); inference output and `ckpt_export` unchanged |
-| `--num_stages 4`, `--patch_size 2` | a fourth encoder/decoder stage, a 2-voxel patch partition (QT-UNet family; the thesis' section 6.2.1) |
-| `--detail_widths "[12, 24]"` | the full-resolution detail path (QT-UNet family; `[16]`: full resolution only; `"[]"`: none) |
-| `--skip cct --cct_preset lite` | UCTransNet's channel-wise skips: a channel transformer over all encoder skips (`full`: 4 layers and heads; `lite`: 1) and a channel gate in each decoder step (QT-UNet family) |
-| `--router light --capacity 0.25` | conditional Swin blocks (CoLT5): a light attention/MLP over all tokens plus the dense one over the quarter of each window's tokens (of the volume's, for the MLP) a learned router picks (`iterative`: CoLT5's soft top-k router; `--router_sites "['encoder','bottleneck']"`: where). Train with it; `--capacity 0.5` at inference changes the routed share of the same weights (QT-UNet family) |
-| `--intensity_augmentation True`, `--spatial_augmentation True` | nnU-Net-style gamma, noise{" and bias field" if task.modality == "MR" else ""}; a random rotation (15 degrees) and scaling (15 %) of the crops |
-| `--optimizer_name AdamW --warmup_epochs 3` | another `torch.optim` optimiser; a linear learning-rate warm-up before the cosine |
-| `--sw_mode gaussian` | Gaussian instead of constant blending of the sliding windows |
-| `--fold k --num_folds 5 --fold_seed 0` | train on the other folds of the data list's `training` cases and validate on fold k; the split is written into `data/datalist.json` (a `fold` per case), models go to `models/fold<k>/` |
-
-```bash
-# after training every fold: predict with the mean probability of the fold models
-python -m monai.bundle run --config_file "['configs/inference.json','configs/inference_ensemble.json']" --num_folds 5
-# ONNX (pip install "qtunet_monai[onnx]"): models/model.onnx, checked against PyTorch with onnxruntime
-python -m monai.bundle run --config_file "['configs/inference.json','configs/export_onnx.json']"
-```
-The ONNX model of QT-UNet has the fixed ROI size (its window geometry is computed from the feature
-map's integer size, which the exporter freezes); the sliding window feeds it ROI-sized patches, so it
-still predicts images of any size. `configs/evaluate.json` also writes each case's inference time
-(`eval/inference_time_raw.csv`).
-
-## GPU memory and time
-Not measured by us: no GPU was available where this bundle was written. The thesis trained on NVIDIA
-A100 GPUs. `python -m qtunet_monai bench --device cuda` measures speed and memory of the variants
-at this ROI against MONAI's SwinUNETR on your GPU.
-
-## Result to compare with
-{task.thesis_result}
-
-## References
-""" + "\n".join(f"- {r}" for r in task.references) + "\n"
+def docs_readme(task: Task) -> str:
+    """A segmentation bundle's ``docs/README.md`` (the model zoo's headings)."""
+    return render_template("bundle_README.md", readme_sections(task))
 
 
 def pretraining_readme(task: Task) -> str:
-    roi = " x ".join(map(str, task.pretrain.roi_size))
-    intensity = task.intensity.describe()
-    return f"""# {task.title}
-
-{task.description}. Out-of-task pre-training as in the QT-UNet thesis (section 4 of the repository's
-docs/architecture.md): the encoder
-learns from unlabelled volumes, then initialises any task bundle. Generated from
-`qtunet_monai/tasks.py` (`python tools/generate_bundles.py` in the repository).
-
-## Data
-{task.data_docs}
-
-```bash
-python -m qtunet_monai prepare_data {task.data} /path/to/volume/tree --output_file data/datalist.json
-# or, to try it: python -m qtunet_monai fake_data {task.data} /tmp/fake && python -m qtunet_monai prepare_data {task.data} /tmp/fake --output_file data/datalist.json
-```
-
-## Pipeline
-{task.pixdim[0]} mm isotropic spacing, {intensity}, foreground crop, random {roi} crops; two views per
-crop, each an independent draw of a 0/90/180/270 degree rotation in the axial plane and random
-cut-out boxes. Heads: reconstruction (transposed convolution, L1 against the un-masked view),
-rotation (MLP with BatchNorm and ReLU, cross-entropy), BYOL (projector, predictor, EMA target,
-symmetrised cosine loss); the loss is their unweighted sum. {task.pretrain.describe()} (per GPU; the
-thesis used 2). A fixed tenth of the volumes, at most 100 (`val_fraction`, `val_max_cases`; the thesis
-held out 100 of its 3,597 CT-SSL scans), is held out; their losses are logged every `val_interval`
-epochs (`val_loss`, `val_loss_reconstruction`, `val_loss_rotation`, `val_loss_byol`).
-
-## Commands
-```bash
-python -m monai.bundle run --config_file configs/pretrain.json                 # --variant small / base
-python -m monai.bundle run --config_file configs/pretrain.json --resume True   # after a kill
-torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
-    --config_file "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"
-# then, in a task bundle with the same variant and a CT (or MRI) input:
-python -m monai.bundle run --config_file configs/train.json --finetune True --finetune_checkpoint /path/to/models/pretrained.pt
-```
-
-`models/pretrained.pt` holds the online encoder under QT-UNet's parameter names and is rewritten
-atomically after every epoch; fine-tuning reports loaded, missing (the decoder) and unexpected keys
-and refuses mismatched shapes. TensorBoard (`eval/`) gets each loss and the collapse signal (the
-spread of the normalised projections, about 1 when healthy). A warning names the epoch when the
-spread falls below `collapse_threshold`, and when the epoch's reconstruction and rotation losses
-jump (twice their lowest earlier value) while the BYOL loss stays low: what the thesis' Base model
-did on CT-SSL, unnoticed until later. Several nodes: every process uses `cuda:<LOCAL_RANK>` of its
-own node; `--device cpu` runs the processes on the CPU with gloo.
-
-## Result to compare with
-{task.thesis_result}
-
-## References
-""" + "\n".join(f"- {r}" for r in task.references) + "\n"
+    """A pre-training-only bundle's ``docs/README.md``."""
+    return render_template("pretraining_README.md", pretraining_sections(task))
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -953,7 +886,7 @@ def render_bundle(task: Task) -> dict[str, str]:
     out["configs/logging.conf"] = LOGGING_CONF
     out[".gitignore"] = "# written by the commands in docs/README.md\ndata/\nmodels/\neval/\n"
     out["LICENSE"] = (REPO / "LICENSE").read_text() if (REPO / "LICENSE").is_file() else ""
-    if task.generated_docs:
+    if task.docs.generated:
         out["docs/README.md"] = pretraining_readme(task) if task.pretraining_only else docs_readme(task)
     return out
 

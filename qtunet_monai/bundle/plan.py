@@ -292,13 +292,13 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
     """
     from ..integrations.auto3dseg import _gpu_memory_gb, _size_for_memory
     from ..pipeline import CTZScore, NonzeroNorm, PosNegCrop, flips, scale, shift
-    from ..tasks import THESIS, Task, get_task
+    from ..tasks import THESIS, DataSource, Recipe, Task, TaskDocs, get_task
 
     base = get_task(recipe_from) if recipe_from else None
-    if base is not None and (base.pretraining_only or base.spatial_dims != 3 or base.sigmoid):
+    if base is not None and (base.pretraining_only or base.source.spatial_dims != 3 or base.source.sigmoid):
         raise SettingError(f"--from {recipe_from}: take the recipe of a 3D label-map segmentation bundle "
                            "(not pre-training, 2D or overlapping regions).")
-    kind = _modality(spec, modality if modality is not None or base is None else base.modality)
+    kind = _modality(spec, modality if modality is not None or base is None else base.source.modality)
     why: dict[str, str] = {}
     pixdim = tuple(round(v, 4) for v in found["median_spacing_mm"])
     why["pixdim"] = "median spacing of the training cases"
@@ -329,10 +329,11 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
     why["cache_rate"] = (f"the resampled training images take about {voxels * 4 / 2**30:.2f} GB in float32 "
                          f"({'cached' if cache_rate else 'read from disk each epoch'}; limit {CACHE_LIMIT_GB} GB)")
     if base is not None:
-        crop = PosNegCrop(base.crop.pos, base.crop.neg, threshold) if isinstance(base.crop, PosNegCrop) else base.crop
-        recipe = {"augment": base.augment, "learning_rate": base.learning_rate, "max_epochs": base.max_epochs,
-                  "val_interval": base.val_interval, "weight_decay": base.weight_decay,
-                  "drop_path_rate": base.drop_path_rate, "preset": base.preset, "num_samples": base.num_samples}
+        taken = base.recipe
+        crop = (PosNegCrop(taken.crop.pos, taken.crop.neg, threshold) if isinstance(taken.crop, PosNegCrop)
+                else taken.crop)
+        recipe = {key: getattr(taken, key) for key in ("augment", "learning_rate", "max_epochs", "val_interval",
+                                                        "weight_decay", "drop_path_rate", "preset", "num_samples")}
         why["recipe"] = f"crop, augmentation, learning rate, epochs and preset of {base.bundle} (--from)"
     else:
         crop = PosNegCrop(1, 1, threshold)
@@ -346,31 +347,30 @@ def choose_settings(spec: DatasetSpec, found: dict[str, Any], modality: str | No
     why["num_workers"] = "0 without a GPU (worker processes only add overhead on a CPU run), else 4"
     task = Task(
         bundle=bundle,
+        data="plan",
         title=f"QT-UNet: {spec.name} (planned)",
         description=spec.description or f"{spec.name}: segmentation of " + ", ".join(spec.classes[1:]),
-        data="plan",
-        spatial_dims=3,
-        modality=kind,
-        channels=spec.channels,
-        classes=spec.classes,
-        label_values=tuple(range(len(spec.classes))),
-        intensity=intensity,
-        roi_size=tuple(roi),
-        pixdim=pixdim,
-        crop_foreground=crop_foreground,
-        crop=crop,
-        variant=variant,
-        batch_size=batch,
-        cache_rate=cache_rate,
-        num_workers=4 if memory > 0 else 0,
-        data_source=f"{spec.name} ({spec.layout} data set folder {spec.folder})" + (
-            f"; {spec.licence}" if spec.licence else ""),
-        references=(THESIS,),
-        generated_docs=False,
-        changelog=f"planned by python -m qtunet_monai plan from {spec.folder}",
-        summary=(f"QT-UNet-{variant[0].upper()} (Querying Transformer UNet) configured by python -m qtunet_monai "
-                 f"plan from the fingerprint of {spec.name}"),
-        **recipe,
+        source=DataSource(
+            spatial_dims=3,
+            modality=kind,
+            channels=spec.channels,
+            classes=spec.classes,
+            label_values=tuple(range(len(spec.classes))),
+            intensity=intensity,
+            pixdim=pixdim,
+            crop_foreground=crop_foreground,
+            origin=f"{spec.name} ({spec.layout} data set folder {spec.folder})" + (
+                f"; {spec.licence}" if spec.licence else ""),
+        ),
+        recipe=Recipe(roi_size=tuple(roi), crop=crop, variant=variant, batch_size=batch, cache_rate=cache_rate,
+                      num_workers=4 if memory > 0 else 0, **recipe),
+        docs=TaskDocs(
+            references=(THESIS,),
+            generated=False,
+            changelog=f"planned by python -m qtunet_monai plan from {spec.folder}",
+            summary=(f"QT-UNet-{variant[0].upper()} (Querying Transformer UNet) configured by python -m qtunet_monai "
+                     f"plan from the fingerprint of {spec.name}"),
+        ),
     )
     return task, why
 
@@ -397,7 +397,8 @@ def _default_fold(text: str, num_folds: int) -> str:
 
 
 def _readme(task: Any, spec: DatasetSpec, found: dict, why: dict, num_folds: int) -> str:
-    roi = " x ".join(map(str, task.roi_size))
+    source, recipe = task.source, task.recipe
+    roi = " x ".join(map(str, recipe.roi_size))
     counts = f"{len(spec.training)} labelled and {len(spec.test)} test case(s)"
     classes = ", ".join(f"{c['value']} {c['name']} ({100 * c['mean_voxel_share']:.2f} % of voxels, {c['cases']} "
                         "cases)" for c in found["classes"])
@@ -410,12 +411,12 @@ The configs are written by the repository's bundle generator, as the thesis' bun
 of the repository's `docs/bundles.md` applies here too (`--preset`, `--time_budget_min`, `--tta`, ...).
 
 ## Settings from the fingerprint
-- Input: {task.in_channels} channel(s) ({", ".join(task.channels)}), {task.modality}; resampled to
-  {" x ".join(map(str, task.pixdim))} mm ({why["pixdim"]}); {task.intensity.describe()}.
+- Input: {source.in_channels} channel(s) ({", ".join(source.channels)}), {source.modality}; resampled to
+  {" x ".join(map(str, source.pixdim))} mm ({why["pixdim"]}); {source.intensity.describe()}.
 - Classes: {classes}.
-- Network: QT-UNet-{task.variant[0].upper()}, ROI {roi} ({why["roi_size"]}), batch {task.batch_size}.
-- Training: {task.crop.describe()}, {task.max_epochs} epochs, Adam lr {task.learning_rate}, validation every
-  {task.val_interval} epochs on the held-out fold; {num_folds} folds in `data/datalist.json`.
+- Network: QT-UNet-{recipe.variant[0].upper()}, ROI {roi} ({why["roi_size"]}), batch {recipe.batch_size}.
+- Training: {recipe.crop.describe()}, {recipe.max_epochs} epochs, Adam lr {recipe.learning_rate}, validation every
+  {recipe.val_interval} epochs on the held-out fold; {num_folds} folds in `data/datalist.json`.
 
 ## Commands
 Run from this folder. Every case is checked before each run (files, channels, label values, NaN, and each
@@ -479,12 +480,12 @@ def plan(dataset: str | Path, output: str | Path, modality: str | None = None, r
     (out / "docs").mkdir(exist_ok=True)
     (out / "docs" / "README.md").write_text(_readme(task, spec, found, why, num_folds))
     (data_dir / "datalist.json").write_text(json.dumps(_datalist(spec, num_folds), indent=1))
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(task).items()
-                if k in ("modality", "channels", "classes", "roi_size", "pixdim", "variant", "batch_size",
-                         "crop_foreground", "learning_rate", "max_epochs", "val_interval", "cache_rate",
-                         "num_workers", "preset")}
-    settings["intensity"] = {"kind": type(task.intensity).__name__, **dataclasses.asdict(task.intensity)}
-    settings["crop"] = {"kind": type(task.crop).__name__, **dataclasses.asdict(task.crop)}
+    chosen = {**{k: getattr(task.source, k) for k in ("modality", "channels", "classes", "pixdim", "crop_foreground")},
+              **{k: getattr(task.recipe, k) for k in ("roi_size", "variant", "preset", "batch_size", "max_epochs",
+                                                      "val_interval", "learning_rate", "cache_rate", "num_workers")}}
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items()}
+    settings["intensity"] = {"kind": type(task.source.intensity).__name__, **dataclasses.asdict(task.source.intensity)}
+    settings["crop"] = {"kind": type(task.recipe.crop).__name__, **dataclasses.asdict(task.recipe.crop)}
     record = {"dataset": str(spec.folder), "layout": spec.layout, "training_cases": len(spec.training),
               "test_cases": len(spec.test), "num_folds": num_folds,
               "fingerprint": {k: v for k, v in found.items() if k not in ("shapes", "spacings_mm")},
