@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -433,6 +434,23 @@ def test_committed_bundle_matches_the_generator(tmp_path):
     train.write_text(train.read_text().replace(f'"max_epochs": {epochs}', f'"max_epochs": {epochs + 1}'))
     done = _run([sys.executable, str(GENERATOR), "--check", "--root", str(root)], REPO, check=False)
     assert done.returncode == 1 and str(train) in done.stdout and done.stdout.count(".json") == 1
+
+
+def test_readme_template_fills_every_placeholder():
+    """The README's sections fill exactly the template's placeholders, with and without results and figure;
+    rendering raises on a missing one."""
+    template = string.Template((generator._segmentation.TEMPLATES / "reconstruction_README.md").read_text())
+    results = {"arms": [{"arm": "qtunet2d", "label": "QT-UNet-2D-T", "params_m": 1.5, "train_min": 2.0,
+                         "metrics": {"ssim": 0.9, "psnr": 30.0, "nmse": 0.01, "mae": 0.02}}]}
+    for found, has_figure in ((None, False), (results, True)):
+        sections = generator.readme_sections(found, has_figure)
+        assert set(template.get_identifiers()) == set(sections)
+        text = generator.docs_readme(found, has_figure)
+        assert f"zero-padded to {generator.SIZE} x {generator.SIZE}" in text and "$" not in text
+        assert generator.results_table(found) in text and (f"]({generator.FIGURE[5:]})" in text) == has_figure
+    del sections["table"]
+    with pytest.raises(KeyError, match="table"):
+        generator._segmentation.render_template("reconstruction_README.md", sections)
 
 
 def test_generated_configs_use_monai_reconstruction_pieces():

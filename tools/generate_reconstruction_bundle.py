@@ -5,7 +5,8 @@ nothing in the installed package imports this file).
 The pipeline pieces (transforms, mask, inferer, post-processing, metrics, loss) come from
 :mod:`qtunet_monai.reconstruction.pipeline`; the conventions shared with the segmentation bundles
 (``imports`` pruning, the torchrun overlay, logging.conf, LICENSE, package versions, the metadata schema)
-come from ``tools/generate_bundles.py``. The docs' results table is rendered from
+come from ``tools/generate_bundles.py``, and so do the engines' handlers, schedule and checkpoints the training
+configs share. The docs' text is ``tools/templates/reconstruction_README.md``; its results table is rendered from
 ``benchmarks/results/recon_demo.json`` (``benchmarks/recon_demo.py`` writes it) when it exists, so that the
 output is a function of the repository's files alone.
 
@@ -121,10 +122,7 @@ def train_config() -> dict:
     config["loss"] = pipeline.loss()
     config["optimizer"] = {"_target_": "torch.optim.AdamW", "params": PARAM_GROUPS, "lr": "@learning_rate",
                            "weight_decay": "@weight_decay"}
-    config["lr_scheduler"] = ("$monai.optimizers.WarmupCosineSchedule(@optimizer, warmup_steps=@warmup_epochs, "
-                              "t_total=@max_epochs) if @warmup_epochs else torch.optim.lr_scheduler.CosineAnnealingLR("
-                              "@optimizer, T_max=@max_epochs)")
-    loss_out = "$monai.handlers.from_engine(['loss'], first=True)"
+    config["lr_scheduler"] = _segmentation.LR_SCHEDULER
     metrics = pipeline.metrics()
     config["train"] = {
         "datalist": "$qtunet_recon.load_kspace_datalist(@datalist_file, 'training')",
@@ -136,26 +134,7 @@ def train_config() -> dict:
                           "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
         "dataset": {"_target_": "CacheDataset", "data": _checked("@train#datalist"),
                     "transform": "@train#preprocessing", "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
-                       "shuffle": True, "num_workers": "@num_workers"},
-        "inferer": {"_target_": "SimpleInferer"},
-        # multi_gpu_train.json drops the last three (logging) handlers on ranks > 0: keep them last
-        "handlers": [
-            {"_target_": "qtunet_monai.bundle.StopOnNonFiniteLoss"},
-            {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-             "interval": "@val_interval"},
-            {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
-            {"_target_": "qtunet_monai.bundle.TrainingTimeBudget", "minutes": "@time_budget_min",
-             "validator": "@validate#evaluator", "path": "$@output_dir + '/training_time.json'"},
-            {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": loss_out},
-            {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss",
-             "output_transform": loss_out},
-            {"_target_": "ignite.handlers.ProgressBar", "persist": False},
-        ],
-        "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                    "train_data_loader": "@train#dataloader", "network": "@network", **_ENGINE_COMPILE,
-                    "loss_function": "@loss", "optimizer": "@optimizer", "inferer": "@train#inferer",
-                    "train_handlers": "@train#handlers", "amp": "@amp"},
+        **_segmentation.train_section("@loss"),
     }
     config["validate"] = {
         "split": "validation",
@@ -169,22 +148,12 @@ def train_config() -> dict:
                        "num_workers": "@num_workers"},
         "inferer": pipeline.slice_inferer(),
         "postprocessing": {"_target_": "Compose", "transforms": pipeline.postprocessing(True, save=False)},
-        "handlers": [
-            {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-            {"_target_": "qtunet_monai.bundle.BestModelSaver", "path": "@ckpt_file", "network": "@network"},
-        ],
+        "handlers": _segmentation.validation_handlers(),
         "key_metric": dict(list(metrics.items())[:1]),
         "additional_metrics": dict(list(metrics.items())[1:]),
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                      "network": "@network", **_ENGINE_COMPILE, "inferer": "@validate#inferer",
-                      "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
-                      "additional_metrics": "@validate#additional_metrics", "val_handlers": "@validate#handlers",
-                      "amp": "@amp"},
+        "evaluator": _segmentation.validation_evaluator("@validate#inferer"),
     }
-    config["resume_checkpoint"] = {"_target_": "qtunet_monai.bundle.ResumeCheckpoint", "path": "$@ckpt_dir + '/resume.pt'",
-                                   "network": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
-                                   "resume": "@resume", "evaluator": "@validate#evaluator"}
+    config["resume_checkpoint"] = _segmentation.resume_checkpoint("$@ckpt_dir + '/resume.pt'")
     config["initialize"] = [
         "$monai.utils.set_determinism(seed=@seed)",
         "$qtunet_bundle.check_writable(@output_dir)",
@@ -200,15 +169,7 @@ def evaluate_config() -> dict:
     return {
         "validate#split": "testing",
         "validate#postprocessing": {"_target_": "Compose", "transforms": pipeline.postprocessing(True, save=True)},
-        "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
-             "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-            # before the MetricsSaver, which writes its per-volume times (inference_time_raw.csv)
-            {"_target_": "qtunet_monai.bundle.InferenceTimer", "name": "inference_time"},
-            {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": names, "metric_details": names,
-             "batch_transform": "$lambda batch: [item['image'].meta for item in batch]", "summary_ops": "*"},
-        ],
+        "validate#handlers": _segmentation.evaluation_handlers(names),
         "initialize": ["$qtunet_bundle.check_writable(@output_dir)"],
         "run": ["$@validate#evaluator.run()"],
     }
@@ -234,11 +195,7 @@ def inference_config() -> dict:
                        "num_workers": 0},
         "inferer": pipeline.slice_inferer(),
         "postprocessing": {"_target_": "Compose", "transforms": pipeline.postprocessing(False, save=True)},
-        "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_file", "load_dict": {"model": "@network"},
-             "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
-        ],
+        "handlers": [_segmentation.checkpoint_loader(), {"_target_": "StatsHandler", "iteration_log": False}],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", **_ENGINE_COMPILE, "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": "@amp"},
@@ -341,129 +298,23 @@ def metadata(results: dict | None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- docs
-def docs_readme(results: dict | None, has_figure: bool) -> str:
+def readme_sections(results: dict | None, has_figure: bool) -> dict[str, object]:
+    """The placeholders of ``tools/templates/reconstruction_README.md``: the recipe, results table and figure.
+
+    Args:
+        results: :func:`load_results`' record, or None before the demo has run.
+        has_figure: the bundle holds :data:`FIGURE`.
+    """
     figure = (f"\n![target, zero-filled, reconstructions and their errors on the test volume]({FIGURE[5:]})\n"
               if has_figure else "")
-    table = results_table(results)
-    return f"""# QT-UNet demo: undersampled MRI reconstruction
+    return {"size": SIZE, **{k: RECIPE[k] for k in ("num_samples", "batch_size", "learning_rate", "weight_decay",
+                                                    "max_epochs", "val_interval")},
+            "table": results_table(results), "figure": figure}
 
-A MONAI bundle that trains **QT-UNet-2D-T** (Querying Transformer UNet, `qtunet_monai`) to reconstruct
-4x undersampled MRI, the second task of the Conditional Swin U-Net thesis (seed 003: fastMRI knee,
-single coil, 4x equispaced mask), on MONAI's reconstruction transforms (`monai.apps.reconstruction`).
-The network refines the zero-filled magnitude residually (output = input + network(input)); MONAI's
-`BasicUNet` and the Swin U-Net (QT-UNet-2D-A: no decoder cross-attention) run in the same pipeline.
-It runs offline on a CPU on k-space simulated from the MNI template that nilearn ships, and on
-fastMRI files. Generated by `tools/generate_reconstruction_bundle.py` in the repository (the pipeline
-is `qtunet_monai/reconstruction/pipeline.py`); edit there to change all configs at once.
 
-## Data
-
-**Demo (offline).** The nilearn wheel carries the MNI ICBM152 2009c T1 template. `prepare_recon_demo`
-deforms it at random (the segmentation demo's affine, elastic, bias-field and contrast changes; the
-undeformed template is the test volume), takes the axial slices that hold brain (2 mm, 77 x 95,
-zero-padded to {SIZE} x {SIZE}), gives each volume a smooth random phase (a random quadratic polynomial,
-|phase| <= pi) so that its k-space is not Hermitian as a magnitude image's would be, adds complex
-Gaussian k-space noise (1 % of the volume's largest magnitude), and writes fastMRI-layout HDF5 files:
-`kspace` `(slices, 1, rows, columns)` complex64 with a singleton coil axis, `reconstruction_rss` the
-magnitude of the fully sampled noisy k-space (fastMRI's definition of the target), attributes
-`acquisition`, `max`, `norm`, `patient_id`. MONAI's `FastMRIReader` reads them unchanged.
-
-```bash
-pip install "qtunet_monai[demo,reconstruction]"      # nilearn (template), matplotlib (figure), h5py
-python -m qtunet_monai prepare_recon_demo --output_dir data --num_train 12 --num_val 3
-```
-
-**fastMRI.** Single-coil knee files hold `kspace` `(slices, rows, columns)` and the target
-`reconstruction_esc`, which MONAI's `FastMRIReader` drops; the bundle reads every file with
-`qtunet_monai.reconstruction.FastMRIVolumeReader`, which keeps it and adds the coil axis (without
-it MONAI's mask transforms would take the root-sum-of-squares over the slices). Multi-coil brain
-files read as they are (`reconstruction_rss`). Write a data list of the files, then train with the
-target and size of the data set:
-
-```bash
-python -m qtunet_monai prepare_recon_data --train_dir /data/knee/singlecoil_train \\
-    --val_dir /data/knee/singlecoil_val --output_file data/datalist.json
-python -m monai.bundle run --config_file configs/train.json --target_key reconstruction_esc --mask_type random
-```
-
-Multi-coil brain files (`/data/brain/multicoil_train`, ...) need no `--target_key`; fastMRI's brain
-masks are equispaced, the default here. Training and evaluation crop the zero-filled image to the
-target's size (320 x 320 in fastMRI); inference, which needs no target, crops to `--recon_size`.
-
-Every file is checked before a run starts (`--check_data False`: shapes only, no full read): not
-HDF5, no `kspace`, k-space that is not complex or not `(slices, coils, rows, columns)` /
-`(slices, rows, columns)`, a missing or misshapen target, NaN or infinite values, all-zero k-space,
-or a mask that would sample nothing of the file's columns stop the run with one line per problem
-naming the file; a mask that samples nothing at run time does too. Set `QTUNET_MONAI_DEBUG=1` for the
-traceback behind such a message.
-
-## Pipeline
-- MONAI's chain (its `MRI_reconstruction/unet_demo` tutorial): `FastMRIReader` (subclass above) ->
-  `ExtractDataKeyFromMetaKeyd` -> `EquispacedKspaceMaskd` (`--mask_type random`: `RandomKspaceMaskd`),
-  4x with 8 % fully sampled centre columns (`--accelerations "[4]" --center_fractions "[0.08]"`) ->
-  zero-filled magnitude -> `ReferenceBasedSpatialCropd` (to the target's size) ->
-  `ReferenceBasedNormalizeIntensityd` (each slice by the zero-filled image's mean and standard deviation)
-  -> clipped to +-6.
-- Training: each step takes `num_samples` ({RECIPE['num_samples']}) random slices of `batch_size` ({RECIPE['batch_size']}) volume(s), each
-  volume under a new random mask offset every time; L1 loss on the normalised images (`--ssim_weight w`
-  adds `w (1 - SSIM)`); AdamW (lr {RECIPE['learning_rate']}, weight decay {RECIPE['weight_decay']}, none on norms, biases and
-  relative-position bias tables), cosine annealing, {RECIPE['max_epochs']} epochs.
-- Validation every {RECIPE['val_interval']} epochs on whole volumes, the mask seeded by the file's name (the same in every
-  epoch and run), the network applied slice by slice (MONAI's `SliceInferer`); the outputs are
-  de-normalised, then the reconstruction, the zero-filled image and the target are divided by the
-  target's maximum, and fastMRI's per-volume metrics computed: SSIM (7 x 7 uniform window, sample
-  covariance: scikit-image's, as fastMRI's evaluation; MONAI's `SSIMMetric` uses the population
-  covariance), PSNR, NMSE (`||y - x||^2 / ||y||^2`) and MAE, each also for the zero-filled input
-  (`zero_filled_*`: the floor). The best validation SSIM is saved as `models/model.pt`.
-
-## Commands
-Run from this folder. CPU works; a GPU is used when present (AMP on).
-
-```bash
-python -m monai.bundle run --config_file configs/train.json
-python -m monai.bundle run --config_file configs/train.json --resume True     # after a kill (models/resume.pt)
-# evaluate models/model.pt on the 'testing' split: per-volume metrics (eval/*_raw.csv) and the
-# reconstructions and zero-filled images as NIfTI (rows, columns, slices) in eval/
-python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']"
-python -m qtunet_monai recon_report --bundle_dir .      # metrics from the NIfTI files and eval/recon_report.png
-# reconstruct the 'testing' files (no target needed; --undersampled True for already undersampled
-# k-space such as fastMRI's test files; --recon_size "[320, 320]" for fastMRI)
-python -m monai.bundle run --config_file configs/inference.json
-torchrun --standalone --nnodes=1 --nproc_per_node=2 -m monai.bundle run \\
-    --config_file "['configs/train.json','configs/multi_gpu_train.json']"
-```
-
-| override | effect |
-|---|---|
-| `--architecture QT-UNet-2D-A` | the Swin U-Net: QT-UNet-2D without decoder cross-attention |
-| `--architecture BasicUNet` | MONAI's BasicUNet (features 32, 64, 128, 256, 512, 32, as MONAI's tutorial) in the same pipeline |
-| `--architecture Swin-UNet-2D-Cond` (`QT-UNet-2D-Cond`) | seed 003's Conditional Swin U-Net: CoLT5-routed light/heavy blocks (and the QT decoder) |
-| `--architecture Swin-UNet-2D-CCT` (`QT-UNet-2D-CCT`) | any other 2D architecture of the family |
-| `--variant small` / `base`, `--patch_size 2` | a wider QT-UNet; a 2-pixel patch partition (finer detail, four times the tokens) |
-| `--residual False` | the network predicts the image itself |
-| `--mask_type random` | fastMRI's random columns (knee) instead of equispaced |
-| `--target_key reconstruction_esc` | fastMRI single-coil knee's target |
-| `--compile True` | `torch.compile(network, dynamic=False)` |
-
-Give the same network overrides to evaluation and inference. MONAI's e2e-VarNet
-(`VariationalNetworkModel`) is not offered: it takes the masked k-space and the mask rather than an
-image, which needs its own batch preparation and a complex pipeline; QT-UNet-2D with two channels in
-and out can be its `ComplexUnet`'s `conv_net`.
-
-## Results on the demo data
-{table}
-{figure}
-These figures come from one template brain (one averaged, smooth adult T1, deformed; a simulated
-phase; one coil; k-space simulated with the same FFT that reconstructs it) and **are not comparable
-with fastMRI results**; they show that the pipeline works end to end and whether a network beats zero
-filling on this data.
-
-## References
-- QT-UNet: Querying Transformer UNet, master's thesis, NTNU.
-- Zbontar J. et al. fastMRI: An Open Dataset and Benchmarks for Accelerated MRI. arXiv:1811.08839, 2018.
-- MONAI tutorials, `reconstruction/MRI_reconstruction/unet_demo`.
-- Fonov V. et al. Unbiased nonlinear average age-appropriate brain templates from birth to adulthood. NeuroImage 47, S102, 2009.
-"""
+def docs_readme(results: dict | None, has_figure: bool) -> str:
+    """``docs/README.md`` (arguments as :func:`readme_sections`)."""
+    return _segmentation.render_template("reconstruction_README.md", readme_sections(results, has_figure))
 
 
 # --------------------------------------------------------------------------------------------- writing
