@@ -8,7 +8,7 @@
 For every size: forward and backward eager and compiled, the largest output and gradient differences,
 the compiled graphs so far (one per new size, none for a size seen before), graph breaks and the
 wall time of the compiled call (compilation included on a new size). The test suite runs the same
-check in 2D with the ``aot_eager`` backend (``tests/test_compile.py``); inductor's code generation for the 3D
+check in 2D with the ``aot_eager`` backend (``tests/networks/test_compile.py``); inductor's code generation for the 3D
 graph takes minutes on a CPU. With default arguments (``dynamic=None``) the second size is traced with
 symbolic sizes, which is correct but much slower to compile; ``--dynamic False`` compiles each size
 statically.

@@ -102,3 +102,11 @@ def _compiles_to_one_graph_equal_to_eager(net: torch.nn.Module, x: torch.Tensor)
 def compiles_to_one_graph() -> Callable[[torch.nn.Module, torch.Tensor], None]:
     """Asserts that a network compiles to one graph whose forward and backward equal eager."""
     return _compiles_to_one_graph_equal_to_eager
+
+
+@pytest.fixture
+def auto3dseg_template(tmp_path: Path) -> Path:
+    """A writable copy of the Auto3DSeg template ``algorithm_templates/qtunet`` (fill_hyper_parameters edits it)."""
+    out = tmp_path / "algo"
+    shutil.copytree(REPO / "algorithm_templates" / "qtunet", out)
+    return out

@@ -35,7 +35,7 @@ __all__ = ["render_bundle", "write_bundles", "check_bundles", "main"]
 # Versions the bundles were tested with (metadata.json); the package's own comes from qtunet_monai.__version__.
 # Each must install on every Python pyproject.toml supports (>= 3.10, the model zoo's CI): numpy 2.2.6 and
 # pillow 12.3.0 are the newest for 3.10 (`pip index versions numpy --python-version 3.10`; numpy 2.3 and
-# pillow 13 need 3.11). tests/test_settings.py checks this.
+# pillow 13 need 3.11). tests/bundle/test_settings.py checks this.
 VERSIONS = {"monai": "1.6.1", "pytorch": "2.13.0", "numpy": "2.2.6", "qtunet_monai": qtunet_monai.__version__, "nibabel": "5.4.2",
             "pytorch-ignite": "0.5.5", "tensorboard": "2.21.0", "tqdm": "4.70.1", "pillow": "12.3.0",
             "nilearn": "0.14.1"}

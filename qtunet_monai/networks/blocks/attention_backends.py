@@ -6,7 +6,7 @@ conditional block) computes ``softmax(scale q k^T + bias) v``, where the additiv
 relative-position bias, the shift mask, for routed attention the gathered rows and columns) is an
 :class:`AttentionBias`. A backend is one function ``(q, k, v, bias, scale) -> out`` in
 :data:`ATTENTION_FUNCTIONS`; to add one, write the function and add one line to the registry (and its
-name to :data:`AttentionBackend`); ``tests/test_attention_backends.py`` then checks it against the
+name to :data:`AttentionBackend`); ``tests/networks/test_attention_backends.py`` then checks it against the
 others. :func:`attention_weights` is the one definition of the attention weights: the explicit backend
 and ``qtunet_monai.explain`` both call it. :func:`use_attention_backend` switches a whole model for a
 while (fvcore counting and ONNX export need the explicit backend).

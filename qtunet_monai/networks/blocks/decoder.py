@@ -2,7 +2,7 @@
 """The decoder's sub-blocks (QT, VT, plain) and stage, and :data:`DECODERS`, the registry that names them.
 
 A new decoder block kind is one :class:`DecoderSubBlock` subclass and one :data:`DECODERS` entry here (and its
-test in tests/test_network_layout.py); ``QTUNet(decoder=...)``, its argument check and the stages read the
+test in tests/networks/test_network_layout.py); ``QTUNet(decoder=...)``, its argument check and the stages read the
 registry. Tokens are channels-last ``(B, *spatial, C)``."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ A kind is one :class:`SkipKind` in :data:`SKIPS`. Its ``build`` takes the encode
 ``QTUNet.skip_fusion``: it maps the list of skips ``(B, *S_i, C_i)`` (shallow first, channels-last) to a
 list of the same shapes; or None when the skips pass unchanged (``"concat"``, which then has no
 parameters and no state-dict keys). To add a kind, write its module and add one entry here (or
-``SKIPS["name"] = SkipKind(...)`` from outside; ``tests/test_skips.py`` does so).
+``SKIPS["name"] = SkipKind(...)`` from outside; ``tests/networks/test_skips.py`` does so).
 """
 
 from __future__ import annotations

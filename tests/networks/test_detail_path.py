@@ -18,7 +18,7 @@ from qtunet_monai import QTUNet
 from qtunet_monai.bundle import PRESETS, SettingError, build_network
 from qtunet_monai.bundle.errors import reported_cause
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
 TINY = {"feature_size": 12, "window_size": 3}
 

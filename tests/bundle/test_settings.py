@@ -22,7 +22,7 @@ from qtunet_monai.bundle.settings import (
     write_settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
 TEMPLATES = REPO / "algorithm_templates"
 

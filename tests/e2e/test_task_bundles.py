@@ -20,7 +20,7 @@ from monai.bundle import ckpt_export, run, verify_net_in_out
 
 from qtunet_monai.tasks import TASKS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENERATOR = REPO / "tools" / "generate_bundles.py"
 _spec = importlib.util.spec_from_file_location("generate_bundles", GENERATOR)
 generate_bundles = importlib.util.module_from_spec(_spec)

@@ -13,7 +13,7 @@ import pytest
 
 from qtunet_monai import ARCHITECTURES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # pip installs a copy and runs a bundle in a subprocess
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("QTUNET_MONAILABEL_BIN") or (str(Path(shutil.which("monailabel")).parent)
                                                    if shutil.which("monailabel") else None)
 pytestmark = [pytest.mark.slow,  # a real server in a subprocess

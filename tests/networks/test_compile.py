@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from qtunet_monai.networks import QTUNet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

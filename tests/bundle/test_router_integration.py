@@ -24,7 +24,7 @@ from qtunet_monai.networks.blocks.conditional import set_capacity as set_capacit
 from qtunet_monai.profiling.complexity import OPTION_ROWS, count_flops, count_parameters, option_table
 from qtunet_monai.tasks import TASKS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
 SMALL = {"feature_size": 12, "window_size": 3}
 
@@ -114,12 +114,10 @@ def test_baselines_refuse_router_options_by_name(option):
     assert f"SegResNet has no QT-UNet ['{key}']" in str(find_cause(error.value, ValueError))
 
 
-def test_the_auto3dseg_template_takes_the_router_switches(tmp_path):
-    from test_auto3dseg import _template_copy
-
+def test_the_auto3dseg_template_takes_the_router_switches(auto3dseg_template):
     from qtunet_monai.integrations.auto3dseg import load_config
 
-    algo = _template_copy(tmp_path)
+    algo = auto3dseg_template
     configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
     dense = load_config(configs, input_channels=1, output_classes=3).get_parsed_content("network")
     assert dense.routing is None

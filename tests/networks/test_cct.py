@@ -433,7 +433,7 @@ def test_deep_supervision_training_step_with_the_option_on(decoder):
 
 @pytest.mark.slow
 def test_compiles_without_graph_breaks_and_equals_eager(compiles_to_one_graph):
-    """``torch.compile(dynamic=False)`` captured with ``aot_eager`` (as tests/test_compile.py does): forward and
+    """``torch.compile(dynamic=False)`` captured with ``aot_eager`` (as tests/networks/test_compile.py does): forward and
     backward equal eager with the CCT and the gates on, one graph."""
     torch.manual_seed(0)
     net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),

@@ -164,7 +164,7 @@ def _demo_bundle_with_splits(root) -> dict[str, list[str]]:
     import shutil
     from pathlib import Path
 
-    demo = Path(__file__).resolve().parents[1] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
+    demo = Path(__file__).resolve().parents[2] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
     shutil.copytree(demo / "configs", root / "configs")
     (root / "data").mkdir()
     (root / "models").mkdir()

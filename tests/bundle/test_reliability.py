@@ -40,7 +40,7 @@ from qtunet_monai.bundle import (
 )
 from qtunet_monai.bundle.files import temporary_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AFFINE = np.eye(4)
 
 

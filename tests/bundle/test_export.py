@@ -1,6 +1,6 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """Export: TorchScript through MONAI's converter (its `ckpt_export` command runs on the demo bundle in
-tests/test_demo_bundle.py)."""
+tests/e2e/test_demo_bundle.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """The MONAI Label app's checks, without MONAI Label: names, paths, uploads, binding and retraining rounds.
 
-MONAI Label itself is tested in tests/test_monailabel.py (real server, skipped where it is not installed);
+MONAI Label itself is tested in tests/integrations/test_monailabel.py (real server, skipped where it is not installed);
 here the same checks run on real files, real MONAI engines and the demo bundle's own ``train.json``.
 """
 
@@ -29,7 +29,7 @@ from qtunet_monai.bundle import BestModelSaver, DataError
 from qtunet_monai.bundle.presets import network_options
 from qtunet_monai.integrations import monailabel_checks as checks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PATTERNS = ["*.nii.gz", "*.nii", "*.png"]
 
 

@@ -178,7 +178,7 @@ def test_ablating_the_gate_is_a_saturated_gate(tiny_eval_qtunet):
 
 def _bundle(root: Path, network_overrides: dict, state: dict) -> None:
     """The demo bundle's configs with ``network_overrides``, the weights ``state`` and two tiny labelled cases."""
-    demo = Path(__file__).resolve().parents[1] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
+    demo = Path(__file__).resolve().parents[2] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
     shutil.copytree(demo / "configs", root / "configs")
     config = json.loads((root / "configs" / "train.json").read_text())
     config.update(network_overrides)
@@ -205,7 +205,7 @@ def test_bundle_ablation_of_cct_and_gate_scores_the_plain_networks_dice(tmp_path
 
     from qtunet_monai.cli import main
 
-    demo = Path(__file__).resolve().parents[1] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
+    demo = Path(__file__).resolve().parents[2] / "bundles" / "qtunet_demo_brain_tissue_segmentation"
     parser = ConfigParser()
     parser.read_config(str(demo / "configs" / "train.json"))
     parser.update({"skip": "cct", "cct_preset": "lite"})

@@ -547,7 +547,7 @@ def test_routed_counts_are_static_per_input_size(tiny_qtunet):
 @pytest.mark.parametrize("router", ["light", "iterative"])
 def test_compiles_without_graph_breaks_and_equals_eager(router, compiles_to_one_graph):
     """``torch.compile(dynamic=False)`` as the bundles run it (captured with ``aot_eager``, as
-    tests/test_compile.py does): forward and backward equal eager on a padded, shifted size, one graph.
+    tests/networks/test_compile.py does): forward and backward equal eager on a padded, shifted size, one graph.
     The iterative router runs 2 coordinate-descent steps: dynamo unrolls the loop, and 20 steps doubled this
     test's time (55 s against 28 s here) without a path the graph does not already hold at 2."""
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from qtunet_monai.data.msd import blob_label
 from qtunet_monai.integrations.auto3dseg import TemplateError, fill_hyper_parameters
 from qtunet_monai.profiling.memory import ACTIVATION_GB, MAX_BATCH, RESERVE_GB, choose_batch_and_roi, parameter_state_gb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "algorithm_templates"
 
 
@@ -103,18 +103,10 @@ def test_autorunner_end_to_end_offline_on_cpu(tmp_path, monkeypatch):
         predict_ensemble(work, new, tmp_path / "pred2")
 
 
-def _template_copy(tmp_path: Path) -> Path:
-    import shutil
-
-    out = tmp_path / "algo"
-    shutil.copytree(TEMPLATES / "qtunet", out)
-    return out
-
-
-def test_fill_by_key_ct_regions_and_gpu_memory(tmp_path):
+def test_fill_by_key_ct_regions_and_gpu_memory(tmp_path, auto3dseg_template):
     datalist = _dataset(tmp_path / "data", shape=(40, 40, 32))
     stats = _stats(tmp_path / "data", datalist)
-    algo = _template_copy(tmp_path)
+    algo = auto3dseg_template
     filled = fill_hyper_parameters(str(stats), str(_source(tmp_path / "data", datalist, "ct")),
                                    str(algo))["hyper_parameters.yaml"]
     summary = yaml.safe_load(stats.read_text())["stats_summary"]["image_foreground_stats"]["intensity"]
@@ -157,7 +149,7 @@ def test_batch_and_crop_scale_with_gpu_memory():
     assert roi == [128, 128, 56] and batch > chosen[16][2]
 
 
-def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, caplog):
+def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, auto3dseg_template, caplog):
     """An SSL encoder file or another task's model.pt, loaded and reported by load_pretrained."""
     import torch
 
@@ -165,7 +157,7 @@ def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, caplog)
     from qtunet_monai.integrations.auto3dseg import _load_pretrained, _param_groups, load_config
     from qtunet_monai.ssl import QTUNetSSL
 
-    algo = _template_copy(tmp_path)
+    algo = auto3dseg_template
     configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
     encoder = QTUNetSSL(1, (32, 32, 32), hidden_dim=16, projection_dim=8).encoder_state_dict()
     torch.save(encoder, tmp_path / "pretrained.pt")
@@ -342,12 +334,12 @@ def test_template_training_under_torchrun_with_gloo(tmp_path):
     assert (algo / "model" / "model.pt").is_file()
 
 
-def test_template_presets_and_network_options_reach_the_network(tmp_path):
+def test_template_presets_and_network_options_reach_the_network(tmp_path, auto3dseg_template):
     """The bundles' --preset, --detail_widths and --skip are hyper-parameters of the template too."""
     from qtunet_monai.bundle import PRESETS
     from qtunet_monai.integrations.auto3dseg import load_config
 
-    algo = _template_copy(tmp_path)
+    algo = auto3dseg_template
     configs = [str(algo / "configs" / f) for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
     thesis = load_config(configs, input_channels=1, output_classes=3).get_parsed_content("network")
     assert thesis.detail_widths == () and thesis.skip_type == "concat"

@@ -1,8 +1,8 @@
 # Copyright (c) qtunet_monai contributors. Licensed under the Apache License, Version 2.0.
 """The network's layout may be rearranged, its checkpoints may not: the state-dict keys of QT-UNet in
 several configurations, and its seeded outputs, must stay those recorded in
-``tests/data/qtunet_layout_reference.json`` (written once from the code before the encoder/decoder split by
-running this file as a script: ``python tests/test_network_layout.py``)."""
+``tests/networks/qtunet_layout_reference.json`` (written once from the code before the encoder/decoder split by
+running this file as a script: ``python tests/networks/test_network_layout.py``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from qtunet_monai import QTUNet
 
-REFERENCE = Path(__file__).resolve().parent / "data" / "qtunet_layout_reference.json"
+REFERENCE = Path(__file__).resolve().parent / "qtunet_layout_reference.json"
 
 #: configurations whose keys and outputs are pinned; the small width and window keep outputs cheap
 CONFIGURATIONS: dict[str, dict] = {

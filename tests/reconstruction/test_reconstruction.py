@@ -32,7 +32,7 @@ from qtunet_monai.reconstruction import (
     zero_filled,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "qtunet_demo_mri_reconstruction"
 GENERATOR = REPO / "tools" / "generate_reconstruction_bundle.py"
 _spec = importlib.util.spec_from_file_location("generate_reconstruction_bundle", GENERATOR)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import verify_metadata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 
 

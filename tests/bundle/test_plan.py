@@ -23,7 +23,7 @@ from qtunet_monai.cli import main
 from qtunet_monai.data.msd import blob_label, write_fake_msd
 from qtunet_monai.profiling.memory import ROI_STEP
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _nnunet_v2(root: Path, n: int = 3, shape=(36, 32, 20), spacing=(1.2, 1.2, 2.0)) -> Path:
@@ -150,7 +150,7 @@ def test_planned_metadata_follows_the_monai_schema(planned, tmp_path):
     candidates = [os.environ.get("QTUNET_METADATA_SCHEMA"), REPO.parent / "shared" / "monai" / name]
     local = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if local is None:
-        pytest.skip(f"MONAI's metadata schema {name} is not at hand (see tests/test_metadata.py)")
+        pytest.skip(f"MONAI's metadata schema {name} is not at hand (see tests/bundle/test_metadata.py)")
     shutil.copy(local, tmp_path / name)
     verify_metadata(meta_file=str(meta_file), filepath=str(tmp_path / name))
 

@@ -23,7 +23,7 @@ from qtunet_monai.bundle.presets import network_options
 pytest.importorskip("nilearn")
 pytestmark = pytest.mark.slow  # the demo bundle end to end, in subprocesses
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
 #: training overrides that keep the default network but cut its cost: one 32^3 crop per case instead of two
 #: 56^3 ones (32 is the smallest ROI the network's 4 x 2^3 downsampling takes)

@@ -24,7 +24,7 @@ from qtunet_monai.bundle.folds import fold_assignment, load_fold, write_folds
 from qtunet_monai.bundle.inference import FlipTTAInferer, FoldEnsemble, InferenceTimer, probabilities
 from qtunet_monai.tasks import TASKS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "bundles" / "qtunet_demo_brain_tissue_segmentation"
 
 
