@@ -209,29 +209,33 @@ def test_killed_training_resumes_from_the_saved_epoch(bundle):
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 4
 
 
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        ("empty", "has no 'training' cases"),
-        ("missing_label", "file not found"),
-        ("label_out_of_range", "label values [7] are outside the task's classes [0, 1, 2, 3]"),
-        ("nan_image", "image contains NaN or infinite intensities"),
-        ("two_channels", "2 image channel(s), but the network expects 1"),
-        ("shape_mismatch", "does not match image shape"),
-        ("not_nifti", "unreadable"),
-        ("two_d_image", "a 2-d image of shape"),
-        ("extreme_intensity", "intensities up to 3e+38 exceed the limit of 1e+06"),
-        ("inf_unchecked", "the loss became nan at iteration"),  # headers only: the loss guard stops it
-    ],
-)
-def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, message):
+#: damage -> the message that names it. Three of them run `monai.bundle run` (a file-level error, a voxel-level
+#: one, and inf with the check off, which only the loss guard inside training can stop); the rest check the
+#: same train.json expression in-process (test_train_json_data_check_names_each_bad_file), since the
+#: subprocess adds nothing to what the check says about them.
+BAD_DATA = {
+    "empty": "has no 'training' cases",
+    "missing_label": "file not found",
+    "label_out_of_range": "label values [7] are outside the task's classes [0, 1, 2, 3]",
+    "nan_image": "image contains NaN or infinite intensities",
+    "two_channels": "2 image channel(s), but the network expects 1",
+    "shape_mismatch": "does not match image shape",
+    "not_nifti": "unreadable",
+    "two_d_image": "a 2-d image of shape",
+    "extreme_intensity": "intensities up to 3e+38 exceed the limit of 1e+06",
+    "inf_unchecked": "the loss became nan at iteration",  # headers only: the loss guard stops it
+}
+BAD_DATA_IN_SUBPROCESS = ("missing_label", "nan_image", "inf_unchecked")
+
+
+def _damage(bundle: Path, damage: str) -> Path:
+    """Damage the first training case of ``bundle``'s data list as ``damage`` says; returns the bad file."""
     datalist_file = bundle / "data" / "datalist.json"
     datalist = json.loads(datalist_file.read_text())
     case = datalist["training"][0]
     image_path, label_path = bundle / "data" / case["image"], bundle / "data" / case["label"]
     image = nib.load(image_path)
     bad = label_path if damage in ("missing_label", "label_out_of_range", "shape_mismatch") else image_path
-    overrides = ["--check_data", "False"] if damage == "inf_unchecked" else []
     if damage == "empty":
         datalist["training"] = []
         datalist_file.write_text(json.dumps(datalist))
@@ -259,6 +263,14 @@ def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, messa
         data = np.asarray(image.dataobj).astype(np.float32)
         data[30, 30, 30] = 3e38 if damage == "extreme_intensity" else np.inf
         nib.save(nib.Nifti1Image(data, image.affine), image_path)
+    return bad
+
+
+@pytest.mark.parametrize("damage", BAD_DATA_IN_SUBPROCESS)
+def test_bad_data_stops_before_training_and_names_the_file(bundle, damage):
+    message = BAD_DATA[damage]
+    bad = _damage(bundle, damage)
+    overrides = ["--check_data", "False"] if damage == "inf_unchecked" else []
     done = _bundle_run(bundle, ["train.json"], "--max_epochs", "1", *overrides, check=False)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]  # the project's own message, not MONAI's wrapper
@@ -268,6 +280,27 @@ def test_bad_data_stops_before_training_and_names_the_file(bundle, damage, messa
     assert "Traceback" not in done.stderr and "QTUNET_MONAI_DEBUG=1" in done.stderr
     assert not (bundle / "models" / "resume.pt").exists(), "a checkpoint was written despite bad data"
     assert not (bundle / "models" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("damage", [d for d in BAD_DATA if d not in BAD_DATA_IN_SUBPROCESS])
+def test_train_json_data_check_names_each_bad_file(bundle, damage):
+    """train.json's own data check (the expression `monai.bundle run` evaluates before training) raises the
+    project's DataError naming the bad file; the subprocess cases above show that this error ends the run."""
+    from monai.bundle import ConfigParser
+
+    from qtunet_monai.bundle.errors import DataError, find_cause
+
+    bad = _damage(bundle, damage)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle)})
+    with pytest.raises(Exception) as error:  # MONAI wraps it ("Failed to evaluate ...")
+        parser.get_parsed_content("train#dataset#data")
+    cause = find_cause(error.value, DataError)
+    assert cause is not None, error.value
+    assert BAD_DATA[damage] in str(cause)
+    if damage != "empty":
+        assert str(bad.resolve()) in str(cause)
 
 
 def _testing_list(bundle, images) -> str:
