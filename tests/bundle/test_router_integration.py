@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -157,11 +155,13 @@ def test_option_rows_cover_the_routers_and_cct_on_the_thesis_inputs():
 
 
 @pytest.mark.slow
-def test_info_and_the_option_table_count_the_conditional_network():
+def test_info_and_the_option_table_count_the_conditional_network(capsys):
     pytest.importorskip("fvcore")
-    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--router", "light",
-           "--capacity", "0.25"]
-    result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    from qtunet_monai.cli import main
+
+    # in-process: the command line's own process is not what this test is about
+    main(["info", "--out_channels", "3", "--roi", "32", "--router", "light", "--capacity", "0.25"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     torch.manual_seed(0)
     net = QTUNet(1, 3, router="light", capacity=0.25)
     assert result["router"] == "light" and result["capacity"] == {"q": 0.25, "kv": 0.25, "ff": 0.25}

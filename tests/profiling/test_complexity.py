@@ -50,12 +50,14 @@ def test_flops_match_the_thesis(target, variant):
 
 
 @pytest.mark.slow
-def test_cli_info_reports_four_stages_patch_two_and_deep_supervision():
+def test_cli_info_reports_four_stages_patch_two_and_deep_supervision(capsys):
     pytest.importorskip("fvcore")
-    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--num_stages", "4",
-           "--patch_size", "2", "--deep_supervision", "True"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    from qtunet_monai.cli import main
+
+    # in-process: the command line's own process is covered by test_cli_rejects_bad_arguments_with_one_line
+    main(["info", "--out_channels", "3", "--roi", "32", "--num_stages", "4", "--patch_size", "2",
+          "--deep_supervision", "True"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["num_stages"], result["patch_size"], result["deep_supervision"]) == (4, 2, True)
     net = QTUNet(1, 3, num_stages=4, patch_size=2, deep_supervision=True)
     assert result["params_m"] == round(count_parameters(net) / 1e6, 3)
@@ -106,14 +108,14 @@ def test_cli_table_writes_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_info_and_the_option_table_count_the_detail_path_and_cct():
+def test_cli_info_and_the_option_table_count_the_detail_path_and_cct(capsys):
     pytest.importorskip("fvcore")
+    from qtunet_monai.cli import main
     from qtunet_monai.profiling.complexity import option_table
 
-    cmd = [sys.executable, "-m", "qtunet_monai", "info", "--out_channels", "3", "--roi", "32", "--detail_widths",
-           "8,16", "--skip", "cct", "--cct_preset", "lite"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    main(["info", "--out_channels", "3", "--roi", "32", "--detail_widths", "8,16", "--skip", "cct",
+          "--cct_preset", "lite"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     net = QTUNet(1, 3, detail_widths=(8, 16), skip="cct", cct_preset="lite")
     assert result["detail_widths"] == [8, 16] and result["skip"] == "cct"
     assert result["params_m"] == round(count_parameters(net) / 1e6, 3)
