@@ -56,16 +56,15 @@ def test_missing_download_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_writes_fake_data_and_the_data_list(tmp_path):
+def test_cli_writes_fake_data_and_the_data_list(tmp_path, capsys):
     """The command line writes the official layout (5 labelled + 1 test case, 2-channel prostate MRI) and a
     data list with MONAI's 4 / 1 split of absolute paths to those files, which checks clean."""
-    import subprocess
-    import sys
+    from qtunet_monai.cli import main
 
-    fake = subprocess.run([sys.executable, "-m", "qtunet_monai", "fake_data", "msd_prostate", str(tmp_path)],
-                          check=True, capture_output=True, text=True)
+    # in-process: the commands, not the interpreter start-up, are under test
+    main(["fake_data", "msd_prostate", str(tmp_path)])
     folder = tmp_path / "Task05_Prostate"
-    assert f"fake data written: {folder}" in fake.stdout
+    assert f"fake data written: {folder}" in capsys.readouterr().out
     assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == [f"prostate_{i:03d}.nii.gz" for i in range(1, 6)]
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"prostate_{i:03d}.nii.gz" for i in range(1, 6)]
     assert [p.name for p in (folder / "imagesTs").iterdir()] == ["prostate_006.nii.gz"]
@@ -73,10 +72,8 @@ def test_cli_writes_fake_data_and_the_data_list(tmp_path):
     image = nib.load(folder / "imagesTr" / "prostate_001.nii.gz")
     assert image.shape[-1] == 2 and len(image.shape) == 4
 
-    prepared = subprocess.run([sys.executable, "-m", "qtunet_monai", "prepare_data", "msd_prostate", str(tmp_path),
-                               "--output_file", str(tmp_path / "datalist.json")],
-                              check=True, capture_output=True, text=True)
-    assert "{'training': 4, 'validation': 1, 'testing': 1}" in prepared.stdout
+    main(["prepare_data", "msd_prostate", str(tmp_path), "--output_file", str(tmp_path / "datalist.json")])
+    assert "{'training': 4, 'validation': 1, 'testing': 1}" in capsys.readouterr().out
     datalist = json.loads((tmp_path / "datalist.json").read_text())
     assert [len(datalist[k]) for k in ("training", "validation", "testing")] == [4, 1, 1]
     cases = datalist["training"] + datalist["validation"]
