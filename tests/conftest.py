@@ -8,6 +8,7 @@ pyproject.toml). The fast loop for contributors is ``python -m pytest -m "not sl
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,21 @@ def auto3dseg_template(tmp_path: Path) -> Path:
     out = tmp_path / "algo"
     shutil.copytree(REPO / "algorithm_templates" / "qtunet", out)
     return out
+
+
+def _loggers() -> list[logging.Logger]:
+    return [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                   if isinstance(lg, logging.Logger))]
+
+
+@pytest.fixture(autouse=True)
+def _drop_handlers_added_by_the_test():
+    """Handlers a test attaches (bundles run in-process: ``logging.conf``, ignite's ``StatsHandler``) are bound
+    to the stream pytest captured for that test; a later test logging through them writes to a closed file.
+    pytest's own capture handlers come and go by themselves and are left alone."""
+    before = {lg: set(lg.handlers) for lg in _loggers()}
+    yield
+    for lg in _loggers():
+        for handler in [h for h in lg.handlers if h not in before.get(lg, set())]:
+            if not type(handler).__module__.startswith("_pytest"):
+                lg.removeHandler(handler)
