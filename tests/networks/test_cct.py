@@ -390,7 +390,8 @@ def test_named_architectures():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the network suites with the option on: attention backends, deep supervision, compile, ONNX
+# the network suites with the option on: attention backends, deep supervision (compile and ONNX with every
+# option on: tests/networks/test_options_together.py)
 
 try:
     from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -429,28 +430,3 @@ def test_deep_supervision_training_step_with_the_option_on(decoder):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.skip_fusion.reconstructions.parameters())
     with torch.no_grad():
         assert torch.is_tensor(net.eval()(x))  # one output at inference
-
-
-@pytest.mark.slow
-def test_compiles_without_graph_breaks_and_equals_eager(compiles_to_one_graph):
-    """``torch.compile(dynamic=False)`` captured with ``aot_eager`` (as tests/networks/test_compile.py does): forward and
-    backward equal eager with the CCT and the gates on, one graph."""
-    torch.manual_seed(0)
-    net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),
-                 skip="cct", cct_preset="lite")
-    _randomise_reconstruction(net)
-    compiles_to_one_graph(net, torch.randn(2, 1, 20, 24))
-
-
-@pytest.mark.slow
-def test_onnx_export_at_the_roi_equals_pytorch(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from qtunet_monai.bundle.onnx_export import export_onnx
-
-    torch.manual_seed(0)
-    net = QTUNet(1, 2, spatial_dims=2, feature_size=6, window_size=3, num_stages=2, num_heads=(1, 2, 2),
-                 skip="cct", cct_preset="lite")
-    _randomise_reconstruction(net)
-    report = export_onnx(net, str(tmp_path / "model.onnx"), [1, 1, 20, 24])
-    assert not report["dynamic_spatial_size"] and max(report["max_abs_difference"].values()) <= 1e-4
