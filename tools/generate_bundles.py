@@ -241,6 +241,8 @@ def _travelling(config: dict, trained: str) -> dict:
             continue
         if isinstance(value, str) and value.startswith("$qtunet_bundle.preset(@preset)"):
             config[key] = value.replace("preset(@preset)", "preset(@preset, @trained)")
+        elif isinstance(value, str) and value.startswith("$"):  # an expression: the stored value, else its value
+            config[key] = f"$@trained.get({key!r}, {value[1:]})"
         else:
             config[key] = f"$@trained.get({key!r}, {value!r})"
     config.update({"settings_file": "$qtunet_bundle.settings_file(@ckpt_file)", "trained": trained,
@@ -358,8 +360,9 @@ def train_config(task: Task) -> dict:
         "label_values": list(source.label_values),
         "max_epochs": recipe.max_epochs,
         "val_interval": recipe.val_interval,
-        "learning_rate": recipe.learning_rate,
-        "weight_decay": recipe.weight_decay,
+        # the task's learning rate times the preset's scale; the preset's weight decay where it has one
+        "learning_rate": f"${recipe.learning_rate!r} * @learning_rate_scale",
+        "weight_decay": f"$qtunet_bundle.preset(@preset, @trained).get('weight_decay', {recipe.weight_decay!r})",
         "batch_size": recipe.batch_size,
         "num_samples": recipe.num_samples,
         "num_workers": recipe.num_workers,

@@ -260,13 +260,14 @@ def load_config(config_file, **override):
     parser = ConfigParser()
     parser.read_config([f for f in files if str(f).endswith((".yaml", ".json"))])
     parser.update(override)
-    # the preset's network options, where the hyper-parameters leave them unset (null), as the bundles' --preset
-    from ..bundle.presets import NETWORK_KEYS, preset
+    # the preset's network options and recipe, where the hyper-parameters leave them unset (null), as the
+    # bundles' --preset; a preset without a weight decay keeps none
+    from ..bundle.presets import preset
 
-    chosen = preset(str(parser.get("preset") or "thesis"))
-    for key in NETWORK_KEYS:
+    chosen = {"weight_decay": 0.0, **preset(str(parser.get("preset") or "thesis"))}
+    for key, value in chosen.items():
         if key in parser.get() and parser.get(key) is None:
-            parser[key] = chosen[key]
+            parser[key] = value
     return parser
 
 
@@ -344,11 +345,21 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     return init_distributed(device)
 
 
-def _param_groups(parser, network) -> list[dict]:
-    """``weight_decay`` on weight matrices and kernels only (not on bias tables, norms, biases), as the bundles."""
+def _optimizer_and_schedule(parser, network, epochs: int):
+    """The bundles' optimiser and schedule: ``optimizer_name`` from ``torch.optim`` at ``learning_rate`` times
+    ``learning_rate_scale``, ``weight_decay`` on weight matrices and kernels only (not on bias tables, norms,
+    biases), cosine annealing over ``epochs`` after ``warmup_epochs`` of linear warm-up."""
+    from monai.optimizers import WarmupCosineSchedule
+
     from ..bundle import param_groups
 
-    return param_groups(network, float(parser.get("weight_decay", 0.0)))
+    learning_rate = float(parser.get_parsed_content("learning_rate")) * float(parser.get("learning_rate_scale") or 1.0)
+    optimizer = getattr(torch.optim, str(parser.get("optimizer_name") or "Adam"))(
+        param_groups(network, float(parser.get("weight_decay") or 0.0)), lr=learning_rate)
+    warmup = int(parser.get("warmup_epochs") or 0)
+    if warmup:
+        return optimizer, WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=max(epochs, 1))
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
 
 
 def _load_pretrained(parser, network) -> dict | None:
@@ -397,8 +408,7 @@ def _engines(parser, train_files, val_files):
                               shuffle=train_sampler is None, sampler=train_sampler, num_workers=workers)
     val_loader = DataLoader(val_ds, batch_size=1, sampler=val_sampler, num_workers=workers)
     epochs = parser.get_parsed_content("num_epochs")
-    optimizer = torch.optim.Adam(_param_groups(parser, network), lr=parser.get_parsed_content("learning_rate"))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    optimizer, scheduler = _optimizer_and_schedule(parser, network, epochs)
     values = _values(parser)
     post = pipeline.instantiate([pipeline.activation(sigmoid), *pipeline.discretise(sigmoid)], **values)
     amp = bool(parser.get_parsed_content("amp")) and device.type == "cuda"

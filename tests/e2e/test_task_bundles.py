@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ckpt_export, run, verify_net_in_out
+from monai.bundle import ConfigParser, ckpt_export, run, verify_net_in_out
 
 from qtunet_monai.tasks import TASKS
 
@@ -31,13 +31,19 @@ TASK_BUNDLES = [t for t in TASKS.values() if t.data != "demo" and not t.pretrain
 
 def _untrained(config: dict) -> dict:
     """``config`` as a bundle without a trained model sees it: each ``$@trained.get('key', default)`` setting
-    (qtunet_monai/bundle/settings.py) replaced by its default."""
+    (qtunet_monai/bundle/settings.py) replaced by its default, a literal or, where the default is an
+    expression (the preset-scaled learning rate), that expression."""
     import ast
     import re
 
     def value(v):
         found = re.fullmatch(r"\$@trained\.get\('(\w+)', (.*)\)", v) if isinstance(v, str) else None
-        return ast.literal_eval(found[2]) if found else v
+        if not found:
+            return v
+        try:
+            return ast.literal_eval(found[2])
+        except (ValueError, SyntaxError):
+            return "$" + found[2]
 
     return {k: value(v) for k, v in config.items()}
 
@@ -98,10 +104,16 @@ def test_readme_templates_fill_every_placeholder():
 
 def test_generated_configs_follow_the_thesis_recipe():
     for task in TASK_BUNDLES:
-        train = _untrained(json.loads(render_bundle(task)["configs/train.json"]))
-        assert train["learning_rate"] == 4e-5 and train["network_def"]["drop_path_rate"] == 0.2
+        config = json.loads(render_bundle(task)["configs/train.json"])
+        train = _untrained(config)
+        parser = ConfigParser(config)  # the thesis preset, the task bundles' default
+        assert train["preset"] == "thesis" and parser.get_parsed_content("optimizer_name") == "Adam"
+        assert parser.get_parsed_content("learning_rate") == 4e-5 and train["network_def"]["drop_path_rate"] == 0.2
         assert (train["batch_size"], train["max_epochs"]) == ((4, 150) if task.source.spatial_dims == 2 else (1, 350))
-        assert train["weight_decay"] == (0.001 if task.source.spatial_dims == 2 else 0.0)
+        assert parser.get_parsed_content("weight_decay") == (0.001 if task.source.spatial_dims == 2 else 0.0)
+        parser.update({"preset": "accurate"})  # the demo's recipe: AdamW, twice the task's learning rate
+        assert parser.get_parsed_content("learning_rate") == 8e-5
+        assert parser.get_parsed_content("weight_decay") == 0.05
         assert train["validate"]["inferer"]["overlap"] == 0.5 and train["validate"]["inferer"]["mode"] == "@sw_mode"
         assert train["sw_mode"] == "constant"
         loss = train["loss"]

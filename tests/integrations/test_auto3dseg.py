@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from qtunet_monai.bundle import DataError
@@ -154,7 +155,7 @@ def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, auto3ds
     import torch
 
     from qtunet_monai import QTUNet
-    from qtunet_monai.integrations.auto3dseg import _load_pretrained, _param_groups, load_config
+    from qtunet_monai.integrations.auto3dseg import _load_pretrained, _optimizer_and_schedule, load_config
     from qtunet_monai.ssl import QTUNetSSL
 
     algo = auto3dseg_template
@@ -183,8 +184,8 @@ def test_pretrained_path_initialises_like_the_bundles_finetune(tmp_path, auto3ds
     with pytest.raises(TemplateError, match="absent.pt is not a file"):
         _load_pretrained(parser, network)
     # the optimiser's groups: weight_decay on matrices, none on bias tables, norms and biases
-    groups = _param_groups(load_config(configs, weight_decay=1e-3), network)
-    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
+    optimizer, _ = _optimizer_and_schedule(load_config(configs, weight_decay=1e-3), network, 10)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-3, 0.0]
 
 
 @pytest.mark.parametrize("damage, error, message", [
@@ -348,3 +349,25 @@ def test_template_presets_and_network_options_reach_the_network(tmp_path, auto3d
     cct = load_config(configs, input_channels=1, output_classes=3, skip="cct", cct_preset="lite",
                       detail_widths=[8]).get_parsed_content("network")
     assert cct.skip_type == "cct" and cct.detail_widths == (8,) and cct.skip_fusion is not None
+
+
+def test_template_preset_sets_the_training_recipe(auto3dseg_template):
+    """``preset: accurate`` trains as the bundles' preset does (AdamW, decoupled weight decay, warm-up, twice the
+    learning rate); ``thesis`` with Adam and cosine annealing; an explicit hyper-parameter wins."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    from qtunet_monai.integrations.auto3dseg import _optimizer_and_schedule, load_config
+
+    configs = [str(auto3dseg_template / "configs" / f)
+               for f in ("hyper_parameters.yaml", "network.yaml", "transforms.yaml")]
+    cases = {"thesis": ({}, "Adam", 2e-4, {0.0}, torch.optim.lr_scheduler.CosineAnnealingLR),
+             "accurate": ({}, "AdamW", 4e-4, {0.05, 0.0}, WarmupCosineSchedule),
+             "accurate, explicit": ({"weight_decay": 0.01, "warmup_epochs": 0}, "AdamW", 4e-4, {0.01, 0.0},
+                                    torch.optim.lr_scheduler.CosineAnnealingLR)}
+    for name, (override, optimizer_name, lr, decays, schedule) in cases.items():
+        parser = load_config(configs, input_channels=1, output_classes=3, preset=name.split(",")[0], **override)
+        optimizer, scheduler = _optimizer_and_schedule(parser, parser.get_parsed_content("network"), 10)
+        assert type(optimizer).__name__ == optimizer_name, name
+        assert {g["weight_decay"] for g in optimizer.param_groups} == decays, name
+        assert isinstance(scheduler, schedule), name
+        assert scheduler.base_lrs and all(b == pytest.approx(lr) for b in scheduler.base_lrs), name

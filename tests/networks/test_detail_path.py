@@ -144,7 +144,19 @@ def _parsed(config: str, **overrides) -> ConfigParser:
 def test_preset_sets_the_network_and_recipe_and_an_explicit_key_wins():
     thesis = _parsed("train.json", preset="thesis")
     assert thesis.get_parsed_content("network_def").detail_widths == ()
-    assert type(thesis.get_parsed_content("optimizer")).__name__ == "Adam"
+    optimizer = thesis.get_parsed_content("optimizer")
+    assert type(optimizer).__name__ == "Adam" and thesis.get_parsed_content("warmup_epochs") == 0
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-3}  # the demo task's own
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0}
+    recipe = _parsed("train.json", preset="accurate")
+    optimizer = recipe.get_parsed_content("optimizer")
+    assert type(optimizer).__name__ == "AdamW" and recipe.get_parsed_content("warmup_epochs") == 3
+    assert {g["lr"] for g in optimizer.param_groups} == {2e-3}  # twice the task's
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.05, 0.0}  # none on norms, biases, tables
+    explicit = _parsed("train.json", preset="accurate", learning_rate=5e-4, weight_decay=0.01)
+    optimizer = explicit.get_parsed_content("optimizer")
+    assert {g["lr"] for g in optimizer.param_groups} == {5e-4}
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.01, 0.0}
     accurate = _parsed("inference.json", preset="accurate")
     assert list(accurate.get_parsed_content("network_def").detail_widths) == PRESETS["accurate"]["detail_widths"]
     overridden = _parsed("inference.json", preset="accurate", detail_widths=[])
