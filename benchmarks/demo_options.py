@@ -322,7 +322,10 @@ def figure(results: str = str(RESULTS), output: str = str(DEMO / "docs" / "campa
         if not run or not run.get("validations"):
             continue
         points = run["validations"]
-        style = {"linewidth": 2.5} if name in ("segresnet", "chosen_recipe", "default") else {"linewidth": 1, "alpha": 0.8}
+        # the baseline, the thesis' network and the chosen configuration (--preset accurate) stand out
+        highlight = {"segresnet": "black", "default": "tab:orange", "chosen_recipe": "tab:red"}
+        style = ({"linewidth": 2.5, "color": highlight[name]} if name in highlight
+                 else {"linewidth": 1, "alpha": 0.6, "color": plt.cm.tab20(len(ax.lines) % 20)})
         ax.plot([p["seconds"] / 60 for p in points], [p["metric"] for p in points], marker="o", markersize=3,
                 label=name, **style)
     if data.get("budget_s"):
