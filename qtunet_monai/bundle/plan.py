@@ -396,6 +396,18 @@ def _default_fold(text: str, num_folds: int) -> str:
     return json.dumps(config, indent=4) + "\n"
 
 
+def _optimiser(recipe) -> str:
+    """The optimiser and learning rate a planned recipe trains with under its preset (``--preset``)."""
+    from .presets import preset
+
+    chosen = preset(recipe.preset)
+    learning_rate = recipe.learning_rate * chosen["learning_rate_scale"]
+    decay = chosen.get("weight_decay", recipe.weight_decay)
+    warmup = f", {chosen['warmup_epochs']} warm-up epochs" if chosen["warmup_epochs"] else ""
+    return (f"{chosen['optimizer_name']} lr {learning_rate:g}{warmup}"
+            + (f", weight decay {decay:g}" if decay else "") + f" (preset `{recipe.preset}`)")
+
+
 def _readme(task: Any, spec: DatasetSpec, found: dict, why: dict, num_folds: int) -> str:
     source, recipe = task.source, task.recipe
     roi = " x ".join(map(str, recipe.roi_size))
@@ -415,7 +427,7 @@ of the repository's `docs/bundles.md` applies here too (`--preset`, `--time_budg
   {" x ".join(map(str, source.pixdim))} mm ({why["pixdim"]}); {source.intensity.describe()}.
 - Classes: {classes}.
 - Network: QT-UNet-{recipe.variant[0].upper()}, ROI {roi} ({why["roi_size"]}), batch {recipe.batch_size}.
-- Training: {recipe.crop.describe()}, {recipe.max_epochs} epochs, Adam lr {recipe.learning_rate}, validation every
+- Training: {recipe.crop.describe()}, {recipe.max_epochs} epochs, {_optimiser(recipe)}, validation every
   {recipe.val_interval} epochs on the held-out fold; {num_folds} folds in `data/datalist.json`.
 
 ## Commands

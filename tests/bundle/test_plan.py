@@ -139,7 +139,18 @@ def test_plan_writes_a_bundle_from_the_fingerprint(planned):
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "spleen"}
     datalist = json.loads((bundle / "data" / "datalist.json").read_text())
     assert sorted(c["fold"] for c in datalist["training"]) == [0, 1, 2, 3] and len(datalist["testing"]) == 2
-    assert "plan.json" in (bundle / "docs" / "README.md").read_text()
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "plan.json" in readme and "Adam lr 0.0002 (preset `thesis`)" in readme
+
+
+def test_planned_docs_name_the_optimiser_of_the_preset():
+    """A recipe taken from the demo (``plan --from``) trains with its preset's optimiser and scaled rate."""
+    from qtunet_monai.bundle.plan import _optimiser
+    from qtunet_monai.tasks import TASKS
+
+    demo = next(t for t in TASKS.values() if t.data == "demo").recipe
+    assert demo.preset == "accurate" and demo.learning_rate == 1e-3
+    assert _optimiser(demo) == "AdamW lr 0.002, 3 warm-up epochs, weight decay 0.05 (preset `accurate`)"
 
 
 def test_planned_metadata_follows_the_monai_schema(planned, tmp_path):
