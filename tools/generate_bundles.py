@@ -261,9 +261,7 @@ def _lazy(expression: str) -> str:
 # ------------------------------------------------------------------- training machinery shared with tools/
 # generate_reconstruction_bundle.py (one definition of the engines' handlers, schedule and checkpoints)
 #: cosine annealing per epoch, after a linear warm-up of @warmup_epochs (0: the thesis' plain cosine)
-LR_SCHEDULER = ("$monai.optimizers.WarmupCosineSchedule(@optimizer, warmup_steps=@warmup_epochs, "
-                "t_total=@max_epochs) if @warmup_epochs else torch.optim.lr_scheduler.CosineAnnealingLR("
-                "@optimizer, T_max=@max_epochs)")
+LR_SCHEDULER = "$qtunet_bundle.lr_schedule(@optimizer, @warmup_epochs, @max_epochs)"
 
 
 def train_section(loss: str) -> dict:

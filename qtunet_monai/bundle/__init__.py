@@ -34,7 +34,7 @@ from .files import AtomicNibabelWriter, AtomicPILWriter, check_writable, clean_s
 from .folds import load_fold, write_folds
 from .inference import FlipTTAInferer, FoldEnsemble, InferenceTimer
 from .onnx_export import export_onnx
-from .optim import no_weight_decay_names, param_groups
+from .optim import lr_schedule, no_weight_decay_names, param_groups
 from .presets import PRESETS, network_options, preset
 from .settings import (
     LazyCases,

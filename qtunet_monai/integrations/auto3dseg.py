@@ -261,11 +261,10 @@ def load_config(config_file, **override):
     parser.read_config([f for f in files if str(f).endswith((".yaml", ".json"))])
     parser.update(override)
     # the preset's network options and recipe, where the hyper-parameters leave them unset (null), as the
-    # bundles' --preset; a preset without a weight decay keeps none
+    # bundles' --preset
     from ..bundle.presets import preset
 
-    chosen = {"weight_decay": 0.0, **preset(str(parser.get("preset") or "thesis"))}
-    for key, value in chosen.items():
+    for key, value in preset(str(parser.get("preset") or "thesis")).items():
         if key in parser.get() and parser.get(key) is None:
             parser[key] = value
     return parser
@@ -349,17 +348,12 @@ def _optimizer_and_schedule(parser, network, epochs: int):
     """The bundles' optimiser and schedule: ``optimizer_name`` from ``torch.optim`` at ``learning_rate`` times
     ``learning_rate_scale``, ``weight_decay`` on weight matrices and kernels only (not on bias tables, norms,
     biases), cosine annealing over ``epochs`` after ``warmup_epochs`` of linear warm-up."""
-    from monai.optimizers import WarmupCosineSchedule
-
-    from ..bundle import param_groups
+    from ..bundle import lr_schedule, param_groups
 
     learning_rate = float(parser.get_parsed_content("learning_rate")) * float(parser.get("learning_rate_scale") or 1.0)
     optimizer = getattr(torch.optim, str(parser.get("optimizer_name") or "Adam"))(
         param_groups(network, float(parser.get("weight_decay") or 0.0)), lr=learning_rate)
-    warmup = int(parser.get("warmup_epochs") or 0)
-    if warmup:
-        return optimizer, WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=max(epochs, 1))
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    return optimizer, lr_schedule(optimizer, int(parser.get("warmup_epochs") or 0), epochs)
 
 
 def _load_pretrained(parser, network) -> dict | None:

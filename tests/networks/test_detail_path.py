@@ -153,6 +153,9 @@ def test_preset_sets_the_network_and_recipe_and_an_explicit_key_wins():
     assert type(optimizer).__name__ == "AdamW" and recipe.get_parsed_content("warmup_epochs") == 3
     assert {g["lr"] for g in optimizer.param_groups} == {2e-3}  # twice the task's
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.05, 0.0}  # none on norms, biases, tables
+    schedules = {name: type(parser.get_parsed_content("lr_scheduler")).__name__ for name, parser in
+                 (("thesis", thesis), ("accurate", recipe))}
+    assert schedules == {"thesis": "CosineAnnealingLR", "accurate": "WarmupCosineSchedule"}
     explicit = _parsed("train.json", preset="accurate", learning_rate=5e-4, weight_decay=0.01)
     optimizer = explicit.get_parsed_content("optimizer")
     assert {g["lr"] for g in optimizer.param_groups} == {5e-4}

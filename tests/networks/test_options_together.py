@@ -32,14 +32,11 @@ def _every_option_network() -> QTUNet:
 
 def test_every_option_is_on_and_shapes_hold():
     net = _every_option_network()
-    names = [n for n, _ in net.named_parameters()]
-    for part in ("detail_path.", "skip_fusion.", ".router."):
-        assert any(part in n for n in names), part
     x = torch.randn(2, 1, 23, 17)
     out = net(x)
     assert out.shape == (2, 2, 23, 17)
     out.square().mean().backward()
-    for part in ("detail_path.", "skip_fusion.", ".router."):
+    for part in ("detail_path.", "skip_fusion.", ".router."):  # each option has parameters, and they learn
         grads = [p.grad for n, p in net.named_parameters() if part in n]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), part
 
